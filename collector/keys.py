@@ -29,6 +29,8 @@ _U16 = struct.Struct(">H")
 
 DEFAULT_TENANT = "default"
 DEFAULT_SCOPE = "default"
+NO_RUN = "_"
+"""The run id of spans that carry none (foreign spans): stored for forwarding only."""
 
 
 class InvalidId(ValueError):

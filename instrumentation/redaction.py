@@ -37,7 +37,7 @@ DEFAULT_BODY_PATTERNS: tuple[str, ...] = (
     r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
     r"gh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
     r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack tokens
-    r"(?i)bearer\s+[A-Za-z0-9._\-]{16,}",  # bearer tokens pasted into bodies
+    r"[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._\-]{16,}",  # bearer tokens pasted into bodies
 )
 
 _KEEP = 4

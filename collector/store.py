@@ -1,0 +1,514 @@
+"""The LMDB store: durable runs, steps, envelope index, content-addressed payloads, raw spans, outbox.
+
+Contract:
+- One writer: `apply` writes a list of prepared batches in ONE write transaction (group commit); a batch is
+  acknowledged only after that commit returns. A span already stored (same tenant, scope, run, trace id,
+  span id) is skipped with everything derived from it, so a re-sent batch never duplicates steps.
+- Readers never block and never hold a transaction between calls. Other processes may open the same path
+  (`readonly=True`) while the collector writes; when the writer has grown the map they adopt the new size.
+- The map grows (doubling, up to `max_map_size`) instead of failing with MDB_MAP_FULL; only when it cannot
+  grow any more does `apply` raise `StoreFull`, with the store intact.
+- Key layout: `collector/keys.py`. Records: `collector/records.py`. Blobs: 1 codec byte + data.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import lmdb
+import zstandard
+
+from tracetape.collector import keys, records
+from tracetape.collector.records import AttemptRecord, RunRecord, StepRecord
+
+T = TypeVar("T")
+
+DB_NAMES = ("runs", "steps", "envelopes", "blobs", "spans", "outbox", "meta")
+SCHEMA_VERSION = b"1"
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+_MIN_COMPRESS = 256
+
+DEFAULT_MAP_SIZE = 256 << 20
+DEFAULT_MAX_MAP_SIZE = 1 << 40
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used."""
+
+
+class StoreFull(StoreError):
+    """The map cannot grow any further (size cap reached or disk full). Nothing was written."""
+
+
+_tls = threading.local()
+
+
+def compress_blob(raw: bytes) -> bytes:
+    """The stored form of a payload: 1 codec byte + (zstd-compressed or raw) bytes."""
+    if len(raw) >= _MIN_COMPRESS:
+        comp = getattr(_tls, "zc", None)
+        if comp is None:
+            comp = _tls.zc = zstandard.ZstdCompressor(level=3)
+        packed = comp.compress(raw)
+        if len(packed) < len(raw):
+            return bytes((CODEC_ZSTD,)) + packed
+    return bytes((CODEC_RAW,)) + raw
+
+
+def decompress_blob(stored: bytes | memoryview) -> bytes:
+    codec = stored[0]
+    if codec == CODEC_RAW:
+        return bytes(stored[1:])
+    if codec == CODEC_ZSTD:
+        dec = getattr(_tls, "zd", None)
+        if dec is None:
+            dec = _tls.zd = zstandard.ZstdDecompressor()
+        return dec.decompress(bytes(stored[1:]))
+    raise StoreError(f"unknown blob codec {codec}")
+
+
+@dataclass
+class StepWrite:
+    """One attempt to merge into its step (the step header fields come from the attempt's span)."""
+
+    tenant: str
+    scope: str
+    run_id: str
+    step: StepRecord  # header fields, `attempts` holding exactly the one attempt
+    attempt: AttemptRecord
+
+
+@dataclass
+class RunEvent:
+    """What a run span or run-start span says about its run."""
+
+    kind: str  # "start" | "end"
+    started_ns: int = 0
+    ended_ns: int = 0
+    trace_id: bytes = b""
+    service_name: str = ""
+    agent_name: str = ""
+    command: list[str] = field(default_factory=list)
+    outcome: str = ""
+    exit_code: int | None = None
+    canon_profile: str = ""
+    replay_of: str = ""
+    replay_mode: str = ""
+    replay_forced: bool = False
+    lineage_depth: int = 0
+
+
+@dataclass
+class SpanWrite:
+    """Everything one received span adds to the store."""
+
+    tenant: str
+    scope: str
+    run_id: str
+    span_key: bytes
+    stored_span: bytes  # ResourceSpans protobuf, payloads replaced by refs
+    blobs: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # (blob key, stored form or None)
+    step: StepWrite | None = None
+    run_event: RunEvent | None = None
+    forward: bool = True
+
+
+@dataclass
+class Batch:
+    """One OTLP request, prepared: the spans to write, and how many were rejected and why."""
+
+    spans: list[SpanWrite] = field(default_factory=list)
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchResult:
+    accepted: int = 0
+    duplicates: int = 0
+
+
+class Store:
+    """An LMDB environment holding the tracetape databases. Thread-safe; one per process per path."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        max_map_size: int = DEFAULT_MAX_MAP_SIZE,
+        readonly: bool = False,
+        max_readers: int = 1024,
+        sync: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self.max_map_size = max(max_map_size, map_size)
+        if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
+            raise StoreError(f"no tracetape store at {self.path}")
+        if not readonly:
+            os.makedirs(self.path, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=map_size,
+                max_dbs=len(DB_NAMES) + 2,
+                max_readers=max_readers,
+                readonly=readonly,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+                lock=True,
+            )
+        except lmdb.Error as err:
+            raise StoreError(f"cannot open the store at {self.path}: {err}") from err
+        # Readers left behind by killed processes hold pages and slots: clear them at open.
+        self.env.reader_check()
+        self._gate = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+        self._write_lock = threading.Lock()
+        self._dbs: dict[str, lmdb._Database] = {}
+        if readonly:
+            for name in DB_NAMES:
+                try:
+                    self._dbs[name] = self.env.open_db(name.encode(), create=False)
+                except lmdb.NotFoundError as err:
+                    raise StoreError(f"{self.path} is not a tracetape store (no {name!r} table)") from err
+        else:
+            with self.env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    self._dbs[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+                meta = self._dbs["meta"]
+                version = txn.get(b"schema", db=meta)
+                if version is None:
+                    txn.put(b"schema", SCHEMA_VERSION, db=meta)
+                elif version != SCHEMA_VERSION:
+                    raise StoreError(f"store schema {version!r} is not {SCHEMA_VERSION!r}")
+        self._outbox_seq = self._last_outbox_seq()
+
+    # ----------------------------------------------------------------------------------------------
+    # transactions
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        with self._gate:
+            while self._resizing:
+                self._gate.wait()
+            self._readers += 1
+        try:
+            try:
+                txn = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # adopt the size another process grew the map to
+                txn = self.env.begin(buffers=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+        finally:
+            with self._gate:
+                self._readers -= 1
+                self._gate.notify_all()
+
+    def _grow(self) -> None:
+        current = self.env.info()["map_size"]
+        if current >= self.max_map_size:
+            raise StoreFull(f"the store is full: map size {current} bytes reached its cap")
+        with self._gate:
+            self._resizing = True
+            while self._readers:
+                self._gate.wait()
+            try:
+                self.env.set_mapsize(min(current * 2, self.max_map_size))
+            except lmdb.Error as err:
+                raise StoreFull(f"the store cannot grow: {err}") from err
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    def _write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `body` in one write transaction, growing the map and retrying on MDB_MAP_FULL."""
+        if self.readonly:
+            raise StoreError("the store is open read-only")
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+                except OSError as err:  # ENOSPC and friends on commit
+                    raise StoreFull(f"the store cannot write: {err}") from err
+
+    # ----------------------------------------------------------------------------------------------
+    # writing
+
+    def apply(self, batches: Sequence[Batch]) -> list[BatchResult]:
+        """Write every batch in one transaction; per batch, how many spans were new and how many repeats."""
+        return self._write(lambda txn: [self._apply_batch(txn, b) for b in batches])
+
+    def _apply_batch(self, txn: lmdb.Transaction, batch: Batch) -> BatchResult:
+        result = BatchResult()
+        spans_db = self._dbs["spans"]
+        for span in batch.spans:
+            if not txn.put(span.span_key, span.stored_span, db=spans_db, overwrite=False):
+                result.duplicates += 1
+                continue
+            result.accepted += 1
+            for key, stored in span.blobs:
+                if stored is not None:
+                    txn.put(key, stored, db=self._dbs["blobs"], overwrite=False)
+            run = self._load_run(txn, span.tenant, span.scope, span.run_id) if span.run_id != keys.NO_RUN else None
+            if run is not None:
+                run.span_count += 1
+                if span.step is not None:
+                    self._merge_step(txn, span.step, run)
+                if span.run_event is not None:
+                    _apply_run_event(run, span.run_event)
+                run.replayable, run.reason = records.verdict(run)
+                txn.put(keys.run_key(run.tenant, run.scope, run.run_id), records.encode(run), db=self._dbs["runs"])
+            if span.forward:
+                self._outbox_seq += 1
+                txn.put(keys.outbox_key(self._outbox_seq), span.span_key, db=self._dbs["outbox"])
+        return result
+
+    def _load_run(self, txn: lmdb.Transaction, tenant: str, scope: str, run_id: str) -> RunRecord:
+        raw = txn.get(keys.run_key(tenant, scope, run_id), db=self._dbs["runs"])
+        if raw is None:
+            return RunRecord(run_id=run_id, tenant=tenant, scope=scope)
+        return records.decode_run(raw)
+
+    def _merge_step(self, txn: lmdb.Transaction, write: StepWrite, run: RunRecord) -> None:
+        new = write.step
+        key = keys.step_key(write.tenant, write.scope, write.run_id, new.started_ns, new.step_id)
+        raw = txn.get(key, db=self._dbs["steps"])
+        if raw is None:
+            step = new
+            step.attempts = [write.attempt]
+            run.step_count += 1
+            if not run.started_ns or new.started_ns < run.started_ns:
+                run.started_ns = new.started_ns
+        else:
+            step = records.decode_step(raw)
+            if write.attempt.attempt == 0:  # the first attempt's view of the call wins
+                step.name, step.kind, step.envelope_hash = new.name, new.kind, new.envelope_hash
+                step.request_model, step.provider = new.request_model, new.provider
+            step.attempts = sorted(
+                [a for a in step.attempts if a.attempt != write.attempt.attempt] + [write.attempt],
+                key=lambda a: a.attempt,
+            )
+        if write.attempt.recording_error:
+            run.recording_errors += 1
+        txn.put(key, records.encode(step), db=self._dbs["steps"])
+        env_key = keys.envelope_key(
+            write.tenant, write.scope, write.attempt.envelope_hash, write.run_id,
+            new.started_ns, new.step_id, write.attempt.attempt,
+        )
+        txn.put(env_key, b"", db=self._dbs["envelopes"])
+
+    def invalidate(self, tenant: str, scope: str, run_id: str, reason: str) -> RunRecord:
+        """Mark a run not replayable (`manually_invalidated`) with a reason. KeyError if there is no such run."""
+
+        def body(txn: lmdb.Transaction) -> RunRecord:
+            key = keys.run_key(tenant, scope, run_id)
+            raw = txn.get(key, db=self._dbs["runs"])
+            if raw is None:
+                raise KeyError(run_id)
+            run = records.decode_run(raw)
+            run.invalidated, run.invalidated_reason = True, reason
+            run.replayable, run.reason = records.verdict(run)
+            txn.put(key, records.encode(run), db=self._dbs["runs"])
+            return run
+
+        return self._write(body)
+
+    # ----------------------------------------------------------------------------------------------
+    # outbox (forwarding queue)
+
+    def _last_outbox_seq(self) -> int:
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["outbox"])
+            return keys.outbox_seq(cur.key()) if cur.last() else 0
+
+    def outbox_read(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` oldest outbox entries: (seq, stored span)."""
+        out: list[tuple[int, bytes]] = []
+        with self._read() as txn:
+            spans = self._dbs["spans"]
+            for key, span_key in txn.cursor(db=self._dbs["outbox"]):
+                stored = txn.get(span_key, db=spans)
+                if stored is not None:
+                    out.append((keys.outbox_seq(key), stored))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def outbox_ack(self, seqs: Sequence[int]) -> None:
+        """Remove delivered (or permanently rejected) outbox entries."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for seq in seqs:
+                txn.delete(keys.outbox_key(seq), db=self._dbs["outbox"])
+
+        self._write(body)
+
+    def outbox_size(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._dbs["outbox"])["entries"]
+
+    # ----------------------------------------------------------------------------------------------
+    # reading
+
+    def has_blob(self, tenant: str, scope: str, digest: bytes) -> bool:
+        with self._read() as txn:
+            return txn.get(keys.blob_key(tenant, scope, digest), db=self._dbs["blobs"]) is not None
+
+    def missing_blobs(self, blob_keys: Sequence[bytes]) -> set[bytes]:
+        """Which of these blob keys are not stored yet (one read transaction)."""
+        with self._read() as txn:
+            db = self._dbs["blobs"]
+            return {k for k in blob_keys if txn.get(k, db=db) is None}
+
+    def blob(self, tenant: str, scope: str, digest: bytes) -> bytes | None:
+        """A payload's raw bytes, or None when it is not stored."""
+        with self._read() as txn:
+            stored = txn.get(keys.blob_key(tenant, scope, digest), db=self._dbs["blobs"])
+        return None if stored is None else decompress_blob(stored)
+
+    def run(self, tenant: str, scope: str, run_id: str) -> RunRecord | None:
+        with self._read() as txn:
+            raw = txn.get(keys.run_key(tenant, scope, run_id), db=self._dbs["runs"])
+        return None if raw is None else records.decode_run(raw)
+
+    def runs(self, tenant: str | None = None, scope: str | None = None) -> list[RunRecord]:
+        """Runs, newest first; all tenants/scopes unless given."""
+        prefix = b""
+        if tenant is not None:
+            prefix = keys.tenant_prefix(tenant, scope) if scope is not None else tenant.encode() + keys.SEP
+        out: list[RunRecord] = []
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["runs"])
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out.append(records.decode_run(value))
+        out.sort(key=lambda r: r.started_ns, reverse=True)
+        return out
+
+    def find_run(self, run_id: str, tenant: str | None = None, scope: str | None = None) -> list[RunRecord]:
+        """Runs with this id (in any tenant/scope unless given)."""
+        if tenant is not None and scope is not None:
+            found = self.run(tenant, scope, run_id)
+            return [found] if found else []
+        return [r for r in self.runs(tenant) if r.run_id == run_id]
+
+    def steps(self, tenant: str, scope: str, run_id: str) -> list[StepRecord]:
+        """A run's steps in issue order (index = position)."""
+        prefix = keys.step_prefix(tenant, scope, run_id)
+        out: list[StepRecord] = []
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["steps"])
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out.append(records.decode_step(value))
+        return out
+
+    def envelope_occurrence(
+        self, tenant: str, scope: str, envelope_hash: str, run_id: str, ordinal: int
+    ) -> tuple[int, str, int] | None:
+        """The `ordinal`-th (0-based) recorded attempt of this envelope in this run: (started_ns, step_id, attempt)."""
+        prefix = keys.envelope_prefix(tenant, scope, envelope_hash, run_id)
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["envelopes"])
+            if not cur.set_range(prefix):
+                return None
+            for i, key in enumerate(cur.iternext(keys=True, values=False)):
+                if not key.startswith(prefix):
+                    return None
+                if i == ordinal:
+                    return keys.split_envelope_suffix(key[len(prefix):])
+        return None
+
+    def envelope_count(self, tenant: str, scope: str, envelope_hash: str, run_id: str) -> int:
+        """How many recorded attempts of this run have this envelope."""
+        prefix = keys.envelope_prefix(tenant, scope, envelope_hash, run_id)
+        n = 0
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["envelopes"])
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    n += 1
+        return n
+
+    def step(self, tenant: str, scope: str, run_id: str, started_ns: int, step_id: str) -> StepRecord | None:
+        with self._read() as txn:
+            raw = txn.get(keys.step_key(tenant, scope, run_id, started_ns, step_id), db=self._dbs["steps"])
+        return None if raw is None else records.decode_step(raw)
+
+    def spans(self, tenant: str, scope: str, run_id: str) -> list[bytes]:
+        """A run's stored spans (ResourceSpans protobuf each, payloads as refs)."""
+        prefix = keys.span_prefix(tenant, scope, run_id)
+        out: list[bytes] = []
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["spans"])
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out.append(value)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Entry counts per table and the map size; for health endpoints and benchmarks."""
+        with self._read() as txn:
+            out = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
+        info = self.env.info()
+        out["map_size"] = info["map_size"]
+        out["last_pgno"] = info["last_pgno"]
+        return out
+
+    def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every (table, key, stored value) — blobs decompressed. For audits (e.g. secrets checks)."""
+        with self._read() as txn:
+            for name, db in self._dbs.items():
+                for key, value in txn.cursor(db=db):
+                    yield name, key, decompress_blob(value) if name == "blobs" else value
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _apply_run_event(run: RunRecord, ev: RunEvent) -> None:
+    if ev.trace_id and not run.trace_id:
+        run.trace_id = ev.trace_id
+    if ev.started_ns and (not run.started_ns or ev.started_ns < run.started_ns):
+        run.started_ns = ev.started_ns
+    for name in ("service_name", "agent_name", "canon_profile", "replay_of", "replay_mode"):
+        value = getattr(ev, name)
+        if value:
+            setattr(run, name, value)
+    if ev.command:
+        run.command = ev.command
+    if ev.replay_forced:
+        run.replay_forced = True
+    if ev.lineage_depth:
+        run.lineage_depth = ev.lineage_depth
+    if ev.kind == "end":
+        run.status = records.outcome_to_status(ev.outcome)
+        run.exit_code = ev.exit_code
+        run.ended_ns = ev.ended_ns

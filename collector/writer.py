@@ -1,0 +1,169 @@
+"""The collector's write path: prepare off the event loop, group-commit in one writer thread, then acknowledge.
+
+`StoreWriter.submit` returns only after the LMDB transaction holding the request's spans has committed:
+that is what an OTLP success response means. Requests arriving while a commit is in progress are written
+together in the next transaction (one fsync for many requests). Back-pressure: when more than
+`max_pending_bytes` of requests are being prepared or waiting for a commit, `submit` raises `Overloaded`
+at once (the receiver answers 503 + Retry-After, which OTLP exporters retry), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tracetape.collector import ingest
+from tracetape.collector.store import Batch, BatchResult, Store, StoreFull
+
+log = logging.getLogger("tracetape.collector")
+
+DEFAULT_MAX_PENDING_BYTES = 256 << 20
+_MAX_GROUP = 64
+
+
+class Overloaded(Exception):
+    """Too much is pending; try again after `retry_after` seconds. Nothing of the request was written."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the collector is busy; retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take writes now (full, disk full, closed). Nothing of the request was written."""
+
+    def __init__(self, retry_after: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.message = message
+
+
+@dataclass
+class IngestResult:
+    accepted: int
+    rejected: int
+    error_message: str = ""
+    duplicates: int = 0
+
+
+_Item = tuple[Batch, asyncio.AbstractEventLoop, "asyncio.Future[BatchResult]"]
+
+
+class StoreWriter:
+    """Owns the store's write side for one collector process."""
+
+    def __init__(
+        self, store: Store, *, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, prepare_threads: int = 2
+    ) -> None:
+        self.store = store
+        self.max_pending_bytes = max_pending_bytes
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._prepare_pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="tracetape-prepare")
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = {"requests": 0, "spans": 0, "rejected": 0, "duplicates": 0, "commits": 0, "overloaded": 0}
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, name="tracetape-writer", daemon=True)
+            self._thread.start()
+
+    async def close(self) -> None:
+        """Finish what was submitted, then stop the writer thread (the store stays open)."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        self._prepare_pool.shutdown(wait=True)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending
+
+    async def submit(
+        self, request: ExportTraceServiceRequest, *, tenant: str | None = None, size: int | None = None
+    ) -> IngestResult:
+        """Store `request`'s spans; returns after the commit. `size` is the request's encoded size if known."""
+        if self._closed or self._thread is None:
+            raise StoreUnavailable(1.0, "the collector is shutting down")
+        nbytes = size if size is not None else request.ByteSize()
+        with self._pending_lock:
+            if self._pending and self._pending + nbytes > self.max_pending_bytes:
+                self.stats["overloaded"] += 1
+                raise Overloaded(retry_after=1.0)
+            self._pending += nbytes
+        try:
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self._prepare_pool, ingest.prepare, request, self.store, tenant)
+            fut: asyncio.Future[BatchResult] = loop.create_future()
+            self._queue.put((batch, loop, fut))
+            result = await asyncio.shield(fut)
+        finally:
+            with self._pending_lock:
+                self._pending -= nbytes
+        self.stats["requests"] += 1
+        self.stats["spans"] += result.accepted
+        self.stats["rejected"] += batch.rejected
+        self.stats["duplicates"] += result.duplicates
+        return IngestResult(
+            accepted=result.accepted + result.duplicates,
+            rejected=batch.rejected,
+            error_message="; ".join(batch.errors),
+            duplicates=result.duplicates,
+        )
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            stop = False
+            while len(group) < _MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                group.append(item)
+            self._commit(group)
+            if stop:
+                return
+
+    def _commit(self, group: list[_Item]) -> None:
+        try:
+            results = self.store.apply([batch for batch, _, _ in group])
+            self.stats["commits"] += 1
+        except StoreFull as err:
+            log.error("store full: %s", err)
+            for _, loop, fut in group:
+                loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(30.0, str(err)))
+            return
+        except Exception as err:  # a bug: fail these requests, keep the writer alive
+            log.exception("store write failed")
+            for _, loop, fut in group:
+                loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(5.0, f"store write failed: {type(err).__name__}"))
+            return
+        for (_, loop, fut), result in zip(group, results):
+            loop.call_soon_threadsafe(_succeed, fut, result)
+
+
+def _succeed(fut: asyncio.Future[BatchResult], result: BatchResult) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[BatchResult], err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)

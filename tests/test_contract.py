@@ -1,0 +1,78 @@
+"""The pure parts of the span contract: canonical envelopes, hashing, header and body redaction."""
+
+from __future__ import annotations
+
+import json
+
+from tracetape.instrumentation import contract, redaction
+
+
+def _env(body: bytes, headers=(), path="/v1/chat/completions", query="") -> str:
+    return contract.envelope_hash(contract.http_envelope("post", path, query, headers, body))
+
+
+def test_key_order_and_whitespace_do_not_change_the_hash() -> None:
+    a = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    b = b'{ "messages" : [ {"content":"hi", "role":"user"} ],\n "model":"m" }'
+    assert _env(a) == _env(b)
+
+
+def test_one_character_and_array_order_change_the_hash() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "yo"}]}
+    changed = json.loads(json.dumps(base))
+    changed["messages"][0]["content"] = "hj"
+    swapped = json.loads(json.dumps(base))
+    swapped["messages"].reverse()
+    h = _env(json.dumps(base).encode())
+    assert h != _env(json.dumps(changed).encode())
+    assert h != _env(json.dumps(swapped).encode())
+
+
+def test_only_semantic_headers_count() -> None:
+    body = b'{"a":1}'
+    plain = _env(body, [("Content-Type", "application/json")])
+    assert plain == _env(body, [("authorization", "Bearer sk-x"), ("x-stainless-retry-count", "2"),
+                                ("traceparent", "00-ab-cd-01"), ("idempotency-key", "k"), ("date", "now")])
+    assert plain != _env(body, [("anthropic-version", "2023-06-01")])
+    assert _env(body, [("Anthropic-Beta", "x")]) == _env(body, [("anthropic-beta", "x")])
+
+
+def test_path_and_query_normalisation() -> None:
+    body = b"{}"
+    assert _env(body, path="/v1//chat/completions/") == _env(body, path="/v1/chat/completions")
+    assert _env(body, query="b=2&a=1") == _env(body, query="a=1&b=2")
+    assert _env(body, query="a=1") != _env(body)
+
+
+def test_non_json_body_hashes_its_bytes_and_empty_is_null() -> None:
+    env = contract.http_envelope("GET", "/x", "", [], b"not json")
+    assert set(env["body"]) == {"$sha256"}
+    assert contract.http_envelope("GET", "/x", "", [], b"")["body"] is None
+    assert _env(b"not json") != _env(b"not json!")
+
+
+def test_canonical_bytes_are_sorted_and_compact() -> None:
+    env = contract.tool_envelope("search", {"b": 1, "a": [2, 1]})
+    assert contract.canonical_bytes(env) == b'{"arguments":{"a":[2,1],"b":1},"kind":"tool","name":"search","v":1}'
+
+
+def test_redaction_masks_same_length_and_drops_credential_headers() -> None:
+    body = b'{"note":"my key is sk-test-ABCDEFGHIJKLMNOPQRSTUVWX ok"}'
+    red = redaction.redact_body(body)
+    assert len(red) == len(body) and b"ABCDEFGHIJ" not in red and red.startswith(b'{"note":"my key is sk-t***')
+    assert json.loads(red)  # still valid JSON
+    headers = redaction.drop_secret_headers(
+        [("Authorization", "Bearer sk-test-1234567890abcdefghij"), ("X-Api-Key", "k"), ("Cookie", "c"),
+         ("Content-Type", "application/json")]
+    )
+    assert headers == [("content-type", "application/json")]
+
+
+def test_provider_detection_and_span_names() -> None:
+    assert contract.detect_provider("api.anthropic.com", []) == "anthropic"
+    assert contract.detect_provider("127.0.0.1", [("anthropic-version", "2023-06-01")]) == "anthropic"
+    assert contract.detect_provider("127.0.0.1", [("User-Agent", "OpenAI/Python 3.54.0")]) == "openai"
+    assert contract.detect_provider("example.com", []) is None
+    assert contract.step_span_name(contract.STEP_KIND_MODEL, model="gpt-4o") == "chat gpt-4o"
+    assert contract.step_span_name(contract.STEP_KIND_TOOL, tool="search") == "execute_tool search"
+    assert contract.is_model_path("/v1/chat/completions") and not contract.is_model_path("/v1/models")

@@ -1,0 +1,242 @@
+"""The store and the ingest path: key layout, step merging, dedupe, content addressing, map growth, verdicts.
+
+Spans are made by the real OTel SDK and encoded by the real OTLP encoder, as an agent would send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tracetape.collector import ingest, keys, records
+from tracetape.collector.store import Store, StoreFull
+from tracetape.collector.writer import Overloaded, StoreWriter
+from tracetape.instrumentation import contract as c
+
+RUN = "run-1"
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "db")
+    yield s
+    s.close()
+
+
+class Agent:
+    """Makes spans the way the instrumentation does, through the real SDK."""
+
+    def __init__(self, run_id: str = RUN, tenant: str = "acme", scope: str = "prod") -> None:
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = provider.get_tracer("test")
+        self.base = {c.RUN_ID: run_id, c.TENANT: tenant, c.SCOPE: scope}
+
+    def step(self, step_id: str, started_ns: int, body: bytes, response: bytes, attempt: int = 0,
+             status: int = 200, envelope: str | None = None) -> None:
+        attrs = {
+            **self.base, c.SPAN_KIND: c.SPAN_KIND_STEP, c.STEP_ID: step_id, c.STEP_STARTED_NS: started_ns,
+            c.STEP_KIND: c.STEP_KIND_MODEL, c.STEP_ATTEMPT: attempt,
+            c.ENVELOPE_HASH: envelope or c.envelope_hash(c.http_envelope("POST", "/v1/chat/completions", "", [], body)),
+            c.REQUEST_METHOD: "POST", c.REQUEST_URL: "http://x/v1/chat/completions", c.REQUEST_BODY: body,
+            c.REQUEST_HEADERS: c.encode_headers([("content-type", "application/json")]),
+            c.RESPONSE_STATUS: status, c.RESPONSE_BODY: response, c.GEN_AI_PROVIDER_NAME: "openai",
+            c.GEN_AI_REQUEST_MODEL: "gpt-test",
+        }
+        self.tracer.start_span("chat gpt-test", attributes=attrs, start_time=started_ns + attempt).end()
+
+    def run_span(self, outcome: str = c.OUTCOME_COMPLETED, exit_code: int = 0) -> None:
+        attrs = {**self.base, c.SPAN_KIND: c.SPAN_KIND_RUN, c.RUN_OUTCOME: outcome, c.RUN_EXIT_CODE: exit_code,
+                 c.RUN_COMMAND: ["python", "agent.py"]}
+        self.tracer.start_span("invoke_agent agent", attributes=attrs, start_time=1).end()
+
+    def request(self) -> ExportTraceServiceRequest:
+        req = encode_spans(self.exporter.get_finished_spans())
+        self.exporter.clear()
+        return req
+
+
+def _write(store: Store, req: ExportTraceServiceRequest) -> None:
+    batch = ingest.prepare(req, store)
+    assert batch.rejected == 0, batch.errors
+    store.apply([batch])
+
+
+RESPONSE = json.dumps({"id": "cc-1", "model": "gpt-test-0613", "choices": [{"finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+
+
+def test_steps_are_ordered_by_start_and_attempts_merge(store: Store) -> None:
+    agent = Agent()
+    agent.step("00000000000000b2", 2_000, b'{"q":2}', RESPONSE)
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', b'{"error":"rate"}', attempt=0, status=429)
+    _write(store, agent.request())
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', RESPONSE, attempt=1)  # the retry, in a later batch
+    agent.run_span()
+    _write(store, agent.request())
+
+    steps = store.steps("acme", "prod", RUN)
+    assert [s.step_id for s in steps] == ["00000000000000a1", "00000000000000b2"]
+    assert [(a.attempt, a.status) for a in steps[0].attempts] == [(0, 429), (1, 200)]
+    last = steps[0].attempts[1]
+    assert (last.response_model, last.input_tokens, last.output_tokens, last.finish_reasons) == (
+        "gpt-test-0613", 7, 3, ["stop"])
+    assert store.blob("acme", "prod", last.response_body.digest) == RESPONSE
+    run = store.run("acme", "prod", RUN)
+    assert run is not None and (run.status, run.replayable, run.reason) == ("completed", True, "ok")
+    assert (run.step_count, run.command) == (2, ["python", "agent.py"])
+
+
+def test_envelope_occurrences_follow_issue_order(store: Store) -> None:
+    agent = Agent()
+    env = c.envelope_hash(c.tool_envelope("t", {}))
+    for i, started in enumerate([3_000, 1_000, 2_000]):
+        agent.step(f"{i + 1:016x}", started, b"{}", RESPONSE, envelope=env)
+    _write(store, agent.request())
+    order = [store.envelope_occurrence("acme", "prod", env, RUN, k) for k in range(3)]
+    assert [o[0] for o in order] == [1_000, 2_000, 3_000]
+    assert store.envelope_occurrence("acme", "prod", env, RUN, 3) is None
+    assert store.envelope_count("acme", "prod", env, RUN) == 3
+    assert store.envelope_occurrence("other", "prod", env, RUN, 0) is None  # tenant is part of the key
+
+
+def test_resend_is_stored_once_and_payloads_are_deduplicated(store: Store) -> None:
+    agent = Agent()
+    for i in range(3):
+        agent.step(f"{i + 1:016x}", 1_000 * (i + 1), b'{"same":true}', RESPONSE)
+    req = agent.request()
+    data = req.SerializeToString()
+    _write(store, ExportTraceServiceRequest.FromString(data))
+    again = ingest.prepare(ExportTraceServiceRequest.FromString(data), store)
+    result = store.apply([again])[0]
+    assert (result.accepted, result.duplicates) == (0, 3)
+    stats = store.stats()
+    assert (stats["steps"], stats["spans"], stats["blobs"]) == (3, 3, 2)  # request + response bodies, once each
+    assert store.run("acme", "prod", RUN).step_count == 3
+
+
+def test_stored_spans_carry_refs_not_payloads(store: Store) -> None:
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b'{"prompt":"' + b"x" * 5000 + b'"}', RESPONSE)
+    _write(store, agent.request())
+    (stored,) = store.spans("acme", "prod", RUN)
+    assert b"x" * 100 not in stored
+    span = ingest.ResourceSpans.FromString(stored).scope_spans[0].spans[0]
+    attrs = {kv.key: ingest.value_of(kv.value) for kv in span.attributes}
+    assert c.REQUEST_BODY not in attrs and len(attrs[c.REQUEST_BODY + c.PAYLOAD_REF_SUFFIX]) == 64
+    assert attrs[c.GEN_AI_RESPONSE_MODEL] == "gpt-test-0613" and attrs[c.GEN_AI_USAGE_INPUT_TOKENS] == 7
+
+
+def test_invalid_spans_are_rejected_individually(store: Store) -> None:
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b"{}", RESPONSE)
+    agent.step("not-hex", 2_000, b"{}", RESPONSE)
+    bad_tenant = Agent(tenant="a\x00b")
+    bad_tenant.step("00000000000000a2", 3_000, b"{}", RESPONSE)
+    req = agent.request()
+    req.resource_spans.extend(bad_tenant.request().resource_spans)
+    batch = ingest.prepare(req, store)
+    assert batch.rejected == 2 and "tracetape.step.id" in batch.errors[0] and "tenant" in batch.errors[1]
+    store.apply([batch])
+    assert len(store.steps("acme", "prod", RUN)) == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "exit_code", "status", "replayable", "reason"),
+    [
+        (c.OUTCOME_COMPLETED, 0, "completed", True, "ok"),
+        (c.OUTCOME_FAILED, 1, "failed", True, "ok"),  # a failing run is what incident replay reproduces
+        (c.OUTCOME_FAILED, -9, "failed", False, "execution_incomplete"),  # killed
+        (c.OUTCOME_CANCELLED, -15, "cancelled", False, "execution_incomplete"),
+    ],
+)
+def test_run_verdicts(store: Store, outcome: str, exit_code: int, status: str, replayable: bool, reason: str) -> None:
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b"{}", RESPONSE)
+    _write(store, agent.request())
+    run = store.run("acme", "prod", RUN)
+    assert (run.status, run.replayable, run.reason) == ("running", False, "execution_incomplete")
+    agent.run_span(outcome, exit_code)
+    _write(store, agent.request())
+    run = store.run("acme", "prod", RUN)
+    assert (run.status, run.replayable, run.reason) == (status, replayable, reason)
+    assert store.invalidate("acme", "prod", RUN, "bad data").reason == records.REASON_MANUALLY_INVALIDATED
+
+
+def test_map_grows_instead_of_failing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db", map_size=1 << 20, max_map_size=64 << 20)
+    agent = Agent()
+    for i in range(40):
+        agent.step(f"{i + 1:016x}", 1_000 + i, os.urandom(64 << 10), os.urandom(16 << 10))
+    _write(store, agent.request())
+    assert store.env.info()["map_size"] > 1 << 20 and len(store.steps("acme", "prod", RUN)) == 40
+    capped = Store(tmp_path / "small", map_size=1 << 20, max_map_size=1 << 20)
+    for i in range(40):
+        agent.step(f"{i + 1:016x}", 1_000 + i, os.urandom(64 << 10), b"{}")
+    with pytest.raises(StoreFull):
+        capped.apply([ingest.prepare(agent.request(), capped)])
+    assert capped.stats()["steps"] == 0  # nothing half-written
+    store.close()
+    capped.close()
+
+
+def _read_steps(path: str, out: "multiprocessing.Queue[int]") -> None:
+    reader = Store(path, readonly=True)
+    out.put(len(reader.steps("acme", "prod", RUN)))
+
+
+def test_reader_process_sees_writes_after_growth(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db", map_size=1 << 20)
+    agent = Agent()
+    for i in range(30):
+        agent.step(f"{i + 1:016x}", 1_000 + i, os.urandom(64 << 10), b"{}")
+    _write(store, agent.request())
+    q: multiprocessing.Queue[int] = multiprocessing.get_context("spawn").Queue()
+    proc = multiprocessing.get_context("spawn").Process(target=_read_steps, args=(str(tmp_path / "db"), q))
+    proc.start()
+    assert q.get(timeout=20) == 30
+    proc.join(30)
+    store.close()
+
+
+def test_writer_acknowledges_after_commit_and_pushes_back(store: Store) -> None:
+    async def scenario() -> None:
+        writer = StoreWriter(store, max_pending_bytes=1 << 20)
+        await writer.start()
+        agents = [Agent(run_id=f"run-{i}") for i in range(20)]
+        for i, agent in enumerate(agents):
+            agent.step(f"{i + 1:016x}", 1_000, b'{"i":%d}' % i, RESPONSE)
+        results = await asyncio.gather(*(writer.submit(a.request()) for a in agents))
+        assert all(r.accepted == 1 and r.rejected == 0 for r in results)
+        assert len(store.runs("acme")) == 20  # visible to readers as soon as submit returned
+        assert writer.stats["commits"] < 20  # grouped into fewer transactions
+        big = Agent()
+        big.step("00000000000000ff", 1_000, os.urandom(600 << 10), b"{}")
+        big2 = Agent()
+        big2.step("00000000000000fe", 1_000, os.urandom(600 << 10), b"{}")
+        outcomes = await asyncio.gather(writer.submit(big.request()), writer.submit(big2.request()),
+                                        return_exceptions=True)
+        assert sum(isinstance(o, Overloaded) for o in outcomes) == 1
+        await writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_key_layout_puts_tenant_and_scope_first() -> None:
+    assert keys.run_key("t", "s", "r") == b"t\x00s\x00r"
+    k = keys.envelope_key("t", "s", "ab" * 32, "r", 5, "00" * 8, 1)
+    assert k.startswith(b"t\x00s\x00") and keys.split_envelope_suffix(k[len(keys.envelope_prefix("t", "s", "ab" * 32, "r")):]) == (5, "00" * 8, 1)
+    with pytest.raises(keys.InvalidId):
+        keys.check_id("bad\x00id", "run id")
