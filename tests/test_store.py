@@ -240,3 +240,26 @@ def test_key_layout_puts_tenant_and_scope_first() -> None:
     assert k.startswith(b"t\x00s\x00") and keys.split_envelope_suffix(k[len(keys.envelope_prefix("t", "s", "ab" * 32, "r")):]) == (5, "00" * 8, 1)
     with pytest.raises(keys.InvalidId):
         keys.check_id("bad\x00id", "run id")
+
+
+def test_runs_and_show_read_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tracetape.cli import main
+
+    store = Store(tmp_path / "db")
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', RESPONSE)
+    agent.run_span(c.OUTCOME_FAILED, -9)
+    _write(store, agent.request())
+    store.close()
+    assert main(["runs", "--data", str(tmp_path / "db"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["run_id"], r["status"], r["replayable"]) for r in listed] == [(RUN, "failed", False)]
+    assert main(["show", RUN, "--data", str(tmp_path / "db")]) == 0
+    text = capsys.readouterr().out
+    assert "killed by signal 9" in text and "execution_incomplete" in text and "gpt-test-0613" in text
+    assert main(["show", RUN, "--data", str(tmp_path / "db"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["steps"][0]["input_tokens"] == 7 and shown["steps"][0]["attempts"] == 1
+    assert main(["show", "nope", "--data", str(tmp_path / "db")]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err
+    assert main(["runs", "--data", str(tmp_path / "missing")]) == 2
