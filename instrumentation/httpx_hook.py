@@ -1,0 +1,173 @@
+"""Record every request sent through httpx2 (openai 3.x, anthropic 2.x) and legacy httpx transports.
+
+`instrument()` wraps `HTTPTransport.handle_request` and `AsyncHTTPTransport.handle_async_request` of `httpx2`
+and, when importable, of `httpx`; `uninstrument()` restores the originals. Both are idempotent.
+
+Per attempt (each retry and each redirect reaches the transport separately): the request's exact bytes
+(`request.content`, read first if needed) start an `HttpAttempt`; the response head is recorded when the
+transport returns, and `response.stream` is replaced by a tee of the same kind (`capture.tee_stream`) that
+records the raw wire bytes the application reads and ends the attempt. A transport exception ends the
+attempt as `error`.
+
+What is recorded (`should_record`): the provider SDKs' traffic whatever the host (base URLs point at proxies,
+gateways and stand-ins): a request with Stainless SDK headers (`x-stainless-*`, sent by openai, anthropic and
+other Stainless-generated SDKs), an `anthropic-version`/`openai-beta` header, an `OpenAI/`/`Anthropic/` user
+agent, or an `api.openai.com`/`api.anthropic.com` host; plus any request to a host in
+`runtime.recording().http_hosts`. Other httpx2 traffic (the MCP client's streamable-HTTP transport, whose
+tool calls the MCP hook records as tool steps, and its never-ending SSE GET) is not recorded. Nothing is
+recorded when `runtime.recording()` is None, which includes the OTel exporter's own (suppressed) context.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+from tracetape.instrumentation import contract, runtime
+from tracetape.instrumentation.capture import tee_stream
+from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
+
+_MODULES = ("httpx2", "httpx")
+_ORIGINAL = "__tracetape_original__"
+_patched: list[tuple[type, str, Any]] = []
+
+
+_SDK_HEADERS = ("x-stainless-lang", "x-stainless-retry-count", "anthropic-version", "openai-beta")
+_SDK_AGENTS = ("OpenAI/", "Anthropic/")
+_PROVIDER_HOSTS = ("openai.com", "anthropic.com")
+
+
+def should_record(request: Any, http_hosts: frozenset[str]) -> bool:
+    """Whether an httpx/httpx2 request is provider SDK traffic or goes to a configured host."""
+    headers = request.headers
+    for name in _SDK_HEADERS:
+        if name in headers:
+            return True
+    agent = headers.get("user-agent", "")
+    if any(a in agent for a in _SDK_AGENTS):
+        return True
+    url = request.url
+    host = (url.host or "").lower()
+    if host.endswith(_PROVIDER_HOSTS):
+        return True
+    if http_hosts:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return host in http_hosts or f"{host}:{port}" in http_hosts
+    return False
+
+
+def _start(request: Any) -> HttpAttempt | None:
+    try:
+        body, body_error = request.content, None
+    except Exception as exc:  # a streamed request body that could not be read
+        body, body_error = b"", exc
+    try:
+        attempt = start_http_attempt(
+            method=request.method,
+            url=str(request.url),
+            headers=request.headers.multi_items(),
+            body=body,
+        )
+    except Exception:
+        return None
+    if attempt is not None and body_error is not None:
+        attempt.recording_error(f"request body not captured: {type(body_error).__name__}")
+    return attempt
+
+
+def _wrap_response(attempt: HttpAttempt, response: Any, module: ModuleType) -> None:
+    try:
+        headers = response.headers
+        attempt.response_started(
+            response.status_code, headers.multi_items(), headers.get("content-encoding", "")
+        )
+        response.stream = tee_stream(
+            response.stream, attempt, sync_base=module.SyncByteStream, async_base=module.AsyncByteStream
+        )
+    except Exception as exc:  # body not teed: end now rather than never
+        attempt.recording_error(exc)
+        attempt.finish(contract.END_CLOSED)
+
+
+def _sync_wrapper(original: Any, module: ModuleType) -> Any:
+    @functools.wraps(original)
+    def handle_request(self: Any, request: Any) -> Any:
+        ctx = runtime.recording()
+        if ctx is None or not should_record(request, ctx.http_hosts):
+            return original(self, request)
+        try:
+            request.read()
+        except Exception:
+            pass
+        attempt = _start(request)
+        if attempt is None:
+            return original(self, request)
+        try:
+            response = original(self, request)
+        except BaseException as exc:
+            attempt.failed(exc)
+            raise
+        _wrap_response(attempt, response, module)
+        return response
+
+    setattr(handle_request, _ORIGINAL, original)
+    return handle_request
+
+
+def _async_wrapper(original: Any, module: ModuleType) -> Any:
+    @functools.wraps(original)
+    async def handle_async_request(self: Any, request: Any) -> Any:
+        ctx = runtime.recording()
+        if ctx is None or not should_record(request, ctx.http_hosts):
+            return await original(self, request)
+        try:
+            await request.aread()
+        except Exception:
+            pass
+        attempt = _start(request)
+        if attempt is None:
+            return await original(self, request)
+        try:
+            response = await original(self, request)
+        except BaseException as exc:
+            attempt.failed(exc)
+            raise
+        _wrap_response(attempt, response, module)
+        return response
+
+    setattr(handle_async_request, _ORIGINAL, original)
+    return handle_async_request
+
+
+def _patch(cls: type, name: str, make: Any, module: ModuleType) -> None:
+    current = cls.__dict__.get(name)
+    if current is None or hasattr(current, _ORIGINAL):
+        return
+    setattr(cls, name, make(current, module))
+    _patched.append((cls, name, current))
+
+
+def instrument() -> None:
+    """Patch the httpx2 (and legacy httpx) transports; a second call does nothing."""
+    for module_name in _MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        _patch(module.HTTPTransport, "handle_request", _sync_wrapper, module)
+        _patch(module.AsyncHTTPTransport, "handle_async_request", _async_wrapper, module)
+
+
+def uninstrument() -> None:
+    """Restore the original transport methods."""
+    while _patched:
+        cls, name, original = _patched.pop()
+        current = cls.__dict__.get(name)
+        if current is not None and getattr(current, _ORIGINAL, None) is original:
+            setattr(cls, name, original)
+
+
+def is_instrumented() -> bool:
+    return bool(_patched)

@@ -1,0 +1,226 @@
+"""Record plain `requests` traffic to the configured hosts as HTTP steps.
+
+`instrument()` wraps `requests.adapters.HTTPAdapter.send`; `uninstrument()` restores it. Both are idempotent.
+Only requests to a host in `runtime.recording().http_hosts` (`host` or `host:port`) are recorded, so the
+OTLP/HTTP exporter (which uses requests) never records itself.
+
+How the body is captured: the urllib3 response that `send` returns (`response.raw`) gets its class swapped
+for a subclass (same layout, `isinstance` still holds) whose raw-read primitives (`_raw_read`, `_handle_chunk`,
+`_update_chunk_length`) hand every byte read from the wire to the attempt: still compressed when the
+response is (`content-encoding`), de-chunked, and only what the application (or requests for it, when
+`stream=False`) actually reads. The attempt ends exactly once: `exhausted` when the body end is read,
+`error` on a read exception, `closed` when the response is closed before its end, `dropped` when it is
+garbage-collected first. This targets urllib3 2.x; with another urllib3 the body is not captured and
+`RECORDING_ERROR` says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+from urllib.parse import urlsplit
+
+from tracetape.instrumentation import contract, runtime
+from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
+
+_ORIGINAL = "__tracetape_original__"
+_patched: list[tuple[type, str, Any]] = []
+_ATTEMPT = "_tracetape_attempt"
+_FINALIZER = "_tracetape_finalizer"
+_BUSY = "_tracetape_busy"
+
+
+def host_recorded(url: str, hosts: frozenset[str]) -> bool:
+    """Whether `url`'s host (`host` or `host:port`, default port implied) is one of `hosts`."""
+    if not hosts:
+        return False
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError:
+        return False
+    if host in hosts:
+        return True
+    if port is None:
+        port = 443 if parts.scheme in ("https", "wss") else 80
+    return f"{host}:{port}" in hosts
+
+
+def _request_body(body: Any) -> tuple[bytes, str | None]:
+    if body is None:
+        return b"", None
+    if isinstance(body, bytes):
+        return body, None
+    if isinstance(body, str):
+        return body.encode("utf-8"), None
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body), None
+    return b"", f"request body not captured: streamed {type(body).__name__}"
+
+
+def _end(raw: Any, reason: str, error: BaseException | None = None) -> None:
+    attempt: HttpAttempt | None = raw.__dict__.get(_ATTEMPT)
+    if attempt is None or attempt.finished:
+        return
+    finalizer = raw.__dict__.get(_FINALIZER)
+    if finalizer is not None:
+        finalizer.detach()
+    attempt.finish(reason, error)
+
+
+def _body_complete(raw: Any) -> bool:
+    fp = getattr(raw, "_fp", None)
+    if fp is None:
+        return True
+    if getattr(raw, "length_remaining", None) == 0:
+        return True
+    try:
+        return bool(fp.isclosed())
+    except AttributeError:
+        return bool(getattr(fp, "closed", False))
+
+
+class _TeedResponse:
+    """Mixin put in front of urllib3's `HTTPResponse` class on recorded responses only.
+
+    The end of the body is only ever decided inside a read primitive (EOF, content length reached, the
+    last chunk's size line): `http.client`'s own `isclosed()` cannot tell, since urllib3 also closes it when
+    a read generator is abandoned. urllib3 closes the response itself inside a failing read (before
+    raising); `_BUSY` makes such a close leave the end reason to the read's own outcome.
+    """
+
+    def _raw_read(self, amt: int | None = None, *, read1: bool = False) -> bytes:
+        d = self.__dict__
+        if _body_complete(self):  # closed earlier (an abandoned read generator): no natural end to see here
+            return super()._raw_read(amt, read1=read1)  # type: ignore[misc,no-any-return]
+        d[_BUSY] = True
+        try:
+            data = super()._raw_read(amt, read1=read1)  # type: ignore[misc]
+        except BaseException as exc:
+            _end(self, contract.END_ERROR, exc)
+            raise
+        finally:
+            d[_BUSY] = False
+        if data:
+            d[_ATTEMPT].chunk(data)
+        if (amt is None and not read1) or (amt != 0 and not data) or _body_complete(self):
+            _end(self, contract.END_EXHAUSTED)
+        return data
+
+    def _handle_chunk(self, amt: int | None) -> bytes:
+        d = self.__dict__
+        d[_BUSY] = True
+        try:
+            data = super()._handle_chunk(amt)  # type: ignore[misc]
+        except BaseException as exc:
+            _end(self, contract.END_ERROR, exc)
+            raise
+        finally:
+            d[_BUSY] = False
+        if data:
+            d[_ATTEMPT].chunk(data)
+        return data
+
+    def _update_chunk_length(self) -> None:
+        d = self.__dict__
+        d[_BUSY] = True
+        try:
+            super()._update_chunk_length()  # type: ignore[misc]
+        except BaseException as exc:
+            _end(self, contract.END_ERROR, exc)
+            raise
+        finally:
+            d[_BUSY] = False
+        if getattr(self, "chunk_left", None) == 0:
+            _end(self, contract.END_EXHAUSTED)
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]
+        finally:
+            if not self.__dict__.get(_BUSY):
+                _end(self, contract.END_CLOSED)  # no-op when the end of the body was already read
+
+    def __del__(self) -> None:
+        # io.IOBase's finalizer closes the response: a drop must not be recorded as a close.
+        try:
+            _end(self, contract.END_DROPPED)
+        finally:
+            super().__del__()  # type: ignore[misc]
+
+
+@functools.cache
+def _teed_class(cls: type) -> type:
+    return type(f"Teed{cls.__name__}", (_TeedResponse, cls), {"__module__": __name__})
+
+
+def _install_tee(attempt: HttpAttempt, raw: Any) -> None:
+    cls = type(raw)
+    if not (hasattr(cls, "_raw_read") and hasattr(cls, "_handle_chunk") and hasattr(cls, "_update_chunk_length")):
+        attempt.recording_error(f"response body not captured: unsupported {cls.__module__}.{cls.__name__}")
+        attempt.finish(contract.END_CLOSED)
+        return
+    if _body_complete(raw):  # no body at all (HEAD, 204, 304, length 0): nothing will be read
+        attempt.finish(contract.END_EXHAUSTED)
+        return
+    raw.__dict__[_ATTEMPT] = attempt
+    raw.__dict__[_FINALIZER] = weakref.finalize(raw, attempt.finish, contract.END_DROPPED)
+    raw.__class__ = _teed_class(cls)
+
+
+def _wrapper(original: Any) -> Any:
+    @functools.wraps(original)
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = runtime.recording()
+        if ctx is None or not host_recorded(str(request.url), ctx.http_hosts):
+            return original(self, request, *args, **kwargs)
+        body, body_error = _request_body(request.body)
+        attempt = start_http_attempt(
+            method=str(request.method), url=str(request.url), headers=list(request.headers.items()), body=body
+        )
+        if attempt is None:
+            return original(self, request, *args, **kwargs)
+        if body_error:
+            attempt.recording_error(body_error)
+        try:
+            response = original(self, request, *args, **kwargs)
+        except BaseException as exc:
+            attempt.failed(exc)
+            raise
+        try:
+            raw = response.raw
+            headers = getattr(raw, "headers", None) or response.headers
+            attempt.response_started(
+                response.status_code, list(headers.items()), headers.get("content-encoding", "") or ""
+            )
+            _install_tee(attempt, raw)
+        except Exception as exc:
+            attempt.recording_error(exc)
+            attempt.finish(contract.END_CLOSED)
+        return response
+
+    setattr(send, _ORIGINAL, original)
+    return send
+
+
+def instrument() -> None:
+    """Patch `requests.adapters.HTTPAdapter.send`; no-op when requests is missing or already patched."""
+    try:
+        from requests.adapters import HTTPAdapter
+    except ImportError:
+        return
+    current = HTTPAdapter.__dict__.get("send")
+    if current is None or hasattr(current, _ORIGINAL):
+        return
+    HTTPAdapter.send = _wrapper(current)  # type: ignore[method-assign]
+    _patched.append((HTTPAdapter, "send", current))
+
+
+def uninstrument() -> None:
+    while _patched:
+        cls, name, original = _patched.pop()
+        current = cls.__dict__.get(name)
+        if current is not None and getattr(current, _ORIGINAL, None) is original:
+            setattr(cls, name, original)

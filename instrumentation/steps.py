@@ -1,0 +1,420 @@
+"""One span per HTTP step attempt, exactly as `contract` describes it.
+
+Transport hooks (httpx/httpx2, requests, aiohttp) call `start_http_attempt` with the request about to go out
+and drive the returned `HttpAttempt` as the response arrives:
+
+    attempt = start_http_attempt(method=..., url=..., headers=..., body=...)   # None: not recording
+    attempt.response_started(status, headers, content_encoding)              # once the head is in
+    attempt.chunk(data)                                                       # per body chunk read
+    attempt.finish(END_EXHAUSTED | END_CLOSED | END_ERROR | END_DROPPED, error=None)
+    attempt.failed(exc)                                                       # no response at all
+
+Contract of this module:
+- `start_http_attempt` returns None when `runtime.recording()` is None; otherwise it always returns an attempt
+  and never raises (a recorder failure is recorded as `RECORDING_ERROR` on the span instead).
+- Credentials never reach the span: secret headers are dropped, bodies, URLs and error messages redacted
+  (`redaction`), and the envelope is hashed from the redacted body (`contract.http_envelope`).
+- Retries are grouped: a request whose `x-stainless-retry-count` header is N > 0 joins the most recent step of
+  this process with the same envelope hash (same `STEP_ID`, `STEP_STARTED_NS`, `STEP_INDEX`), as attempt N.
+- `finish` is idempotent and thread-safe: the first call ends the span, every later call is a no-op. Spans
+  are ended with `span.end()` only; no OTel context is attached or detached here.
+- The per-chunk path is two list appends and one `time.monotonic_ns()`; bodies are joined, redacted and
+  turned into attributes once, in `finish`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from tracetape.instrumentation import contract, redaction, runtime
+
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+"""The header both provider SDKs send with every attempt: 0 for the first, N for the N-th retry."""
+
+ANTHROPIC_SCOPE_PREFIX = "com.anthropic.sdk.python"
+"""Instrumentation scope of the anthropic SDK's own call spans (`.bedrock` etc. for platform clients)."""
+
+_RECENT_STEPS_MAX = 512
+
+
+class _RecentSteps:
+    """A small bounded map: envelope hash -> (step id, started ns, step index) of the latest step."""
+
+    def __init__(self, maxlen: int = _RECENT_STEPS_MAX) -> None:
+        self._items: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
+        self._maxlen = maxlen
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[str, int, int] | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: str, value: tuple[str, int, int]) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            if len(self._items) > self._maxlen:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_recent = _RecentSteps()
+
+
+def reset_retry_groups() -> None:
+    """Forget every step that a later retry could join (a new run, or tests)."""
+    _recent.clear()
+
+
+def error_type(exc: BaseException) -> str:
+    """`error.type` of an exception: its fully qualified class name (builtins without module)."""
+    cls = type(exc)
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _describe(exc: BaseException) -> str:
+    return redaction.redact_text(f"{type(exc).__name__}: {exc}")
+
+
+def _inside_anthropic_call_span() -> bool:
+    """Whether the current span is the anthropic SDK's own call span (then ours must not be another `chat`)."""
+    span = trace.get_current_span()
+    scope = getattr(span, "instrumentation_scope", None)
+    if scope is not None and str(getattr(scope, "name", "")).startswith(ANTHROPIC_SCOPE_PREFIX):
+        return True
+    name = getattr(span, "name", None)
+    return isinstance(name, str) and name.startswith("anthropic.")
+
+
+def _drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`redaction.drop_secret_headers` with one redaction scan over all values instead of one per header."""
+    secret = redaction.SECRET_HEADERS
+    pairs = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in secret:
+            pairs.append((name, value))
+    joined = "\n".join([v for _, v in pairs])
+    if redaction.redact_text(joined) is joined:  # nothing to mask (the common case)
+        return pairs
+    return [(n, redaction.redact_text(v)) for n, v in pairs]
+
+
+def _detect_provider(host: str, headers: list[tuple[str, str]]) -> str | None:
+    """`contract.detect_provider`, plus the async/Azure OpenAI clients, whose user agent is their class name
+    (`AsyncOpenAI/Python 3.x`, `AzureOpenAI/Python 3.x`) and so does not start with `OpenAI/`.
+
+    TODO(contract): fold this into `contract.detect_provider` and drop it here.
+    """
+    provider = contract.detect_provider(host, headers)
+    if provider is None:
+        for name, value in headers:
+            if name == "user-agent" and "OpenAI/" in value:
+                return "openai"
+    return provider
+
+
+def _retry_count(headers: list[tuple[str, str]]) -> int:
+    for name, value in headers:
+        if name == RETRY_COUNT_HEADER:
+            try:
+                return max(int(value), 0)
+            except ValueError:
+                return 0
+    return 0
+
+
+class HttpAttempt:
+    """One attempt of an HTTP/model step: owns its span from `start_http_attempt` until `finish`.
+
+    Read-only facts for other hooks: `span`, `step_id`, `attempt`, `step_kind`, `envelope_hash`,
+    `provider`, `model`.
+    """
+
+    __slots__ = (
+        "span",
+        "step_id",
+        "attempt",
+        "step_kind",
+        "envelope_hash",
+        "provider",
+        "model",
+        "_t0",
+        "_chunks",
+        "_times",
+        "_status",
+        "_response_attrs",
+        "_encoding",
+        "_streamed",
+        "_once",
+        "_recording_error",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        span: Span,
+        *,
+        step_id: str,
+        attempt: int,
+        step_kind: str,
+        envelope_hash: str,
+        provider: str | None,
+        model: str | None,
+        t0: int,
+    ) -> None:
+        self.span = span
+        self.step_id = step_id
+        self.attempt = attempt
+        self.step_kind = step_kind
+        self.envelope_hash = envelope_hash
+        self.provider = provider
+        self.model = model
+        self._t0 = t0
+        self._chunks: list[bytes] = []
+        self._times: list[int] = []
+        self._status: int | None = None
+        self._response_attrs: dict[str, Any] = {}
+        self._encoding = ""
+        self._streamed = False
+        self._once = threading.Lock()
+        self._recording_error: str | None = None
+
+    # --- driven by the hooks ----------------------------------------------------------------------------
+
+    def response_started(self, status: int, headers: Iterable[tuple[str, str]], content_encoding: str) -> None:
+        """The response head: status, headers (credentials dropped) and the body's content encoding."""
+        try:
+            kept = _drop_secret_headers(headers)
+            content_type = ""
+            for name, value in kept:
+                if name == "content-type":
+                    content_type = value
+                    break
+            self._status = int(status)
+            self._encoding = (content_encoding or "").strip().lower()
+            if self._encoding == "identity":
+                self._encoding = ""
+            self._streamed = content_type.lower().startswith("text/event-stream")
+            self._response_attrs = {
+                contract.RESPONSE_STATUS: self._status,
+                contract.RESPONSE_HEADERS: contract.encode_headers(kept),
+                contract.RESPONSE_CONTENT_ENCODING: self._encoding,
+                contract.RESPONSE_STREAMED: self._streamed,
+            }
+        except Exception as exc:  # the recorder never breaks the call
+            self.recording_error(exc)
+
+    def chunk(self, data: bytes) -> None:
+        """One chunk of the response body as read from the wire (hot path: no work beyond two appends)."""
+        self._chunks.append(data)
+        self._times.append(time.monotonic_ns())
+
+    def failed(self, exc: BaseException) -> None:
+        """The transport raised before any response: end the attempt as an error."""
+        self.finish(contract.END_ERROR, exc)
+
+    def recording_error(self, exc: BaseException | str) -> None:
+        """Note that the recorder itself failed for this attempt; the span still ends normally."""
+        message = exc if isinstance(exc, str) else _describe(exc)
+        self._recording_error = message if self._recording_error is None else self._recording_error
+        try:
+            self.span.set_attribute(contract.RECORDING_ERROR, message)
+        except Exception:
+            pass
+
+    @property
+    def finished(self) -> bool:
+        return self._once.locked()
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    def finish(self, end_reason: str, error: BaseException | None = None) -> None:
+        """End the attempt: the first call ends the span, later calls do nothing (thread-safe)."""
+        if not self._once.acquire(blocking=False):
+            return
+        span = self.span
+        try:
+            attrs = self._response_attrs
+            chunks = self._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not self._encoding:
+                body = redaction.redact_body(body)
+            attrs[contract.RESPONSE_BODY] = bytes(body)
+            attrs[contract.RESPONSE_BYTES_READ] = len(body)
+            attrs[contract.STREAM_END_REASON] = end_reason
+            if self._streamed:
+                ends: list[int] = []
+                total = 0
+                for c in chunks:
+                    total += len(c)
+                    ends.append(total)
+                t0 = self._t0
+                attrs[contract.RESPONSE_CHUNK_ENDS] = ends
+                attrs[contract.RESPONSE_CHUNK_TIMES_US] = [(t - t0) // 1000 for t in self._times]
+            if error is not None:
+                message = redaction.redact_text(str(error))
+                attrs[contract.ERROR_TYPE] = error_type(error)
+                attrs[contract.ERROR_MESSAGE] = message
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {message}"))
+            elif self._status is not None and self._status >= 400:
+                attrs[contract.ERROR_TYPE] = str(self._status)
+                span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attrs)
+        except Exception as exc:
+            self.recording_error(exc)
+        finally:
+            self._chunks = []
+            self._times = []
+            try:
+                span.end()
+            except Exception:
+                pass
+
+
+def start_http_attempt(
+    *,
+    method: str,
+    url: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes | None,
+) -> HttpAttempt | None:
+    """Start the span of one HTTP attempt; None when this process is not recording right now.
+
+    `headers` are the request's headers as sent (str pairs, any case); `body` the exact request bytes.
+    Never raises: if the recorder fails, a bare span with `RECORDING_ERROR` is returned, or None when even
+    that is impossible.
+    """
+    ctx = runtime.recording()
+    if ctx is None:
+        return None
+    t0 = time.monotonic_ns()
+    try:
+        return _start(ctx, method, url, headers, body or b"", t0)
+    except Exception as exc:
+        return _start_broken(ctx, method, exc, t0)
+
+
+def _start(
+    ctx: runtime.RunContext,
+    method: str,
+    url: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    t0: int,
+) -> HttpAttempt:
+    method = method.upper()
+    parts = urlsplit(url)
+    path = contract.normalize_path(parts.path)
+    kept = _drop_secret_headers(headers)
+    redacted = redaction.redact_body(bytes(body))
+    parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name
+    envelope = contract.http_envelope(method, path, parts.query, kept, redacted, parsed_body=parsed)
+    env_hash = contract.envelope_hash(envelope)
+
+    provider = _detect_provider(parts.hostname or "", kept)
+    kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    if not isinstance(model, str):
+        model = None
+
+    started_ns = time.time_ns()
+    retry = _retry_count(kept)
+    group = _recent.get(env_hash) if retry > 0 else None
+    if group is not None:
+        step_id, step_started_ns, step_index = group
+    else:
+        step_id, step_started_ns, step_index = runtime.new_step_id(), started_ns, runtime.next_step_index()
+        _recent.put(env_hash, (step_id, step_started_ns, step_index))
+
+    attrs: dict[str, Any] = {
+        contract.RUN_ID: ctx.run_id,
+        contract.TENANT: ctx.tenant,
+        contract.SCOPE: ctx.scope,
+        contract.SPAN_KIND: contract.SPAN_KIND_STEP,
+        contract.STEP_ID: step_id,
+        contract.STEP_STARTED_NS: step_started_ns,
+        contract.STEP_INDEX: step_index,
+        contract.STEP_KIND: kind,
+        contract.STEP_ATTEMPT: retry,
+        contract.ENVELOPE_HASH: env_hash,
+        contract.ENVELOPE_PROFILE: contract.CANON_PROFILE,
+        contract.REQUEST_METHOD: method,
+        contract.REQUEST_URL: redaction.redact_text(url),
+        contract.REQUEST_HEADERS: contract.encode_headers(kept),
+        contract.REQUEST_BODY: redacted,
+    }
+    if provider:
+        attrs[contract.GEN_AI_PROVIDER_NAME] = provider
+    if kind == contract.STEP_KIND_MODEL:
+        attrs[contract.GEN_AI_OPERATION_NAME] = "chat"
+    if model:
+        attrs[contract.GEN_AI_REQUEST_MODEL] = model
+
+    if kind == contract.STEP_KIND_MODEL and not _inside_anthropic_call_span():
+        name = contract.step_span_name(kind, model=model)
+    else:
+        name = contract.step_span_name(contract.STEP_KIND_HTTP, method=method, path=path)
+    span = runtime.tracer().start_span(name, kind=SpanKind.CLIENT, attributes=attrs, start_time=started_ns)
+    return HttpAttempt(
+        span,
+        step_id=step_id,
+        attempt=retry,
+        step_kind=kind,
+        envelope_hash=env_hash,
+        provider=provider,
+        model=model,
+        t0=t0,
+    )
+
+
+def _start_broken(ctx: runtime.RunContext, method: str, exc: Exception, t0: int) -> HttpAttempt | None:
+    """A minimal span saying the recorder failed, so the step is not silently missing."""
+    try:
+        attrs: dict[str, Any] = {
+            contract.RUN_ID: ctx.run_id,
+            contract.TENANT: ctx.tenant,
+            contract.SCOPE: ctx.scope,
+            contract.SPAN_KIND: contract.SPAN_KIND_STEP,
+            contract.STEP_ID: runtime.new_step_id(),
+            contract.STEP_STARTED_NS: time.time_ns(),
+            contract.STEP_INDEX: runtime.next_step_index(),
+            contract.STEP_KIND: contract.STEP_KIND_HTTP,
+            contract.STEP_ATTEMPT: 0,
+            contract.RECORDING_ERROR: _describe(exc),
+        }
+        span = runtime.tracer().start_span(
+            contract.step_span_name(contract.STEP_KIND_HTTP, method=str(method).upper()),
+            kind=SpanKind.CLIENT,
+            attributes=attrs,
+        )
+        attempt = HttpAttempt(
+            span,
+            step_id=attrs[contract.STEP_ID],
+            attempt=0,
+            step_kind=contract.STEP_KIND_HTTP,
+            envelope_hash="",
+            provider=None,
+            model=None,
+            t0=t0,
+        )
+        attempt._recording_error = attrs[contract.RECORDING_ERROR]
+        return attempt
+    except Exception:
+        return None
