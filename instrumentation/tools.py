@@ -1,2 +1,413 @@
-def tool(*a, **k): ...
-def tool_call(*a, **k): ...
+"""Tool calls as recorded steps: the `@tracetape.tool` decorator and the `tracetape.tool_call` context manager.
+
+Each call is one step of one attempt: a span `execute_tool {name}` (current while the tool runs, so what the
+tool does nests under it) with `GEN_AI_OPERATION_NAME` = `execute_tool`, `GEN_AI_TOOL_NAME`,
+`GEN_AI_TOOL_CALL_ID` (when known), `SPAN_KIND` = `step`, `STEP_KIND` = `tool`, `STEP_ID`,
+`STEP_STARTED_NS`, `STEP_INDEX`, `STEP_ATTEMPT` = 0, `TOOL_MUTATING`, `TOOL_SOURCE`, and:
+- `TOOL_ARGUMENTS`: the canonical JSON (`contract.canonical_bytes`) of the arguments, redacted;
+- `ENVELOPE_HASH` over `contract.tool_envelope(name, A)` where A is the JSON value of those redacted bytes
+  (`tool_request` computes both; a replayer hashing a live call uses it too), `ENVELOPE_PROFILE`;
+- on return: `TOOL_RESULT`, the JSON (keys sorted) of the result, redacted (`null` when a `tool_call` body
+  never called `set_result`);
+- on an exception (any `BaseException`, cancellation included): `error.type` (the class, module-qualified
+  unless builtin), `ERROR_MESSAGE` (redacted) and status ERROR; the exception is re-raised unchanged. No
+  exception event is added (its message would escape redaction).
+
+Decorated functions have their arguments bound by parameter name (`inspect.signature`, defaults applied;
+`*args` kept as a list under its name, `**kwargs` merged in; a leading `self`/`cls` left out, as are the
+names in `exclude`). A `tool_call_id` or `call_id` keyword argument gives `GEN_AI_TOOL_CALL_ID` and is left
+out of the arguments, so the envelope of a call does not depend on the id the model picked.
+A failure of the recorder itself never reaches the tool: it is noted in `RECORDING_ERROR`.
+
+When this process is not recording (`runtime.recording()` is None) the function runs untouched.
+
+Replay seam: in replay mode `_replayed_result` is asked first; it returns `NOT_REPLAYED` until tool replay is
+implemented, so tools still run live (and are recorded) in replay mode for now.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import msgspec
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from tracetape.instrumentation import contract, redaction, runtime
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SOURCE_DECORATOR = "decorator"
+SOURCE_CONTEXT = "context"
+SOURCE_MCP = "mcp"
+CALL_ID_KWARGS = ("tool_call_id", "call_id")
+OPERATION_EXECUTE_TOOL = "execute_tool"
+
+
+class _NotReplayed:
+    def __repr__(self) -> str:
+        return "NOT_REPLAYED"
+
+
+NOT_REPLAYED: Any = _NotReplayed()
+"""What `_replayed_result` returns when the call must run live."""
+
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
+_decode = msgspec.json.Decoder().decode
+_NULL = b"null"
+
+
+def tool_request(name: str, arguments: Any) -> tuple[bytes, str]:
+    """(redacted canonical JSON of `arguments`, envelope hash) of a call to tool `name`."""
+    value = contract.to_jsonable(arguments)
+    raw = _encode_sorted(value)
+    redacted = redaction.redact_body(raw)
+    if redacted is not raw:
+        value = _decode(redacted)
+    return redacted, contract.envelope_hash(contract.tool_envelope(name, value))
+
+
+def encode_result(result: Any) -> bytes:
+    """The redacted JSON (keys sorted) recorded as a tool's result."""
+    return redaction.redact_body(_encode_sorted(contract.to_jsonable(result)))
+
+
+def _replayed_result(
+    ctx: runtime.RunContext, name: str, arguments: bytes, envelope_hash: str, mutating: bool
+) -> Any:
+    """Replay mode: the recorded result of this call, or `NOT_REPLAYED` to run the tool live.
+
+    The seam where tool replay plugs in (answering from the replay session at `ctx.replay_url`, refusing
+    mutating tools not in `ctx.allow_mutations`). Not implemented yet: always `NOT_REPLAYED`.
+    """
+    return NOT_REPLAYED
+
+
+def _error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+class _Step:
+    """One recorded tool call: its span, made current until `finish`."""
+
+    __slots__ = ("span", "_token", "replayed", "arguments_bytes", "envelope_hash")
+
+    def __init__(
+        self,
+        ctx: runtime.RunContext,
+        name: str,
+        arguments: Any,
+        *,
+        mutating: bool,
+        call_id: str | None,
+        source: str,
+    ) -> None:
+        started_ns = time.time_ns()
+        attributes: dict[str, Any] = {
+            contract.GEN_AI_OPERATION_NAME: OPERATION_EXECUTE_TOOL,
+            contract.GEN_AI_TOOL_NAME: name,
+            contract.SPAN_KIND: contract.SPAN_KIND_STEP,
+            contract.STEP_KIND: contract.STEP_KIND_TOOL,
+            contract.STEP_ID: runtime.new_step_id(),
+            contract.STEP_STARTED_NS: started_ns,
+            contract.STEP_INDEX: runtime.next_step_index(),
+            contract.STEP_ATTEMPT: 0,
+            contract.TOOL_MUTATING: bool(mutating),
+            contract.TOOL_SOURCE: source,
+            contract.ENVELOPE_PROFILE: contract.CANON_PROFILE,
+        }
+        if call_id:
+            attributes[contract.GEN_AI_TOOL_CALL_ID] = str(call_id)
+        self.arguments_bytes = b""
+        self.envelope_hash = ""
+        try:
+            self.arguments_bytes, self.envelope_hash = tool_request(name, arguments)
+            attributes[contract.TOOL_ARGUMENTS] = self.arguments_bytes
+            attributes[contract.ENVELOPE_HASH] = self.envelope_hash
+        except Exception as err:  # noqa: BLE001 - the tool runs whatever the recorder thinks of its arguments
+            attributes[contract.RECORDING_ERROR] = f"arguments: {type(err).__name__}: {err}"
+        self.span = runtime.tracer().start_span(
+            contract.step_span_name(contract.STEP_KIND_TOOL, tool=name),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=started_ns,
+        )
+        self._token = context_api.attach(trace.set_span_in_context(self.span))
+        self.replayed: Any = NOT_REPLAYED
+        if ctx.mode == runtime.MODE_REPLAY and self.envelope_hash:
+            self.replayed = _replayed_result(ctx, name, self.arguments_bytes, self.envelope_hash, mutating)
+
+    def _detach(self) -> None:
+        try:
+            context_api.detach(self._token)
+        except Exception:  # noqa: BLE001 - ended in another context than it started in
+            pass
+
+    def succeed(self, result: Any, *, has_result: bool = True) -> None:
+        self._detach()
+        try:
+            self.span.set_attribute(contract.TOOL_RESULT, encode_result(result) if has_result else _NULL)
+        except Exception as err:  # noqa: BLE001
+            self.span.set_attribute(contract.RECORDING_ERROR, f"result: {type(err).__name__}: {err}")
+        self.span.end()
+
+    def abandon(self, reason: str) -> None:
+        """End the span with a recording error and no result."""
+        self._detach()
+        self.span.set_attribute(contract.RECORDING_ERROR, reason)
+        self.span.end()
+
+    def fail(self, exc: BaseException) -> None:
+        self._detach()
+        message = redaction.redact_text(str(exc))
+        self.span.set_attributes({contract.ERROR_TYPE: _error_type(exc), contract.ERROR_MESSAGE: message})
+        self.span.set_status(Status(StatusCode.ERROR, message or _error_type(exc)))
+        self.span.end()
+
+
+def _start(
+    name: str, arguments: Any, *, mutating: bool, call_id: str | None, source: str
+) -> _Step | None:
+    ctx = runtime.recording()
+    if ctx is None:
+        return None
+    try:
+        return _Step(ctx, name, arguments, mutating=mutating, call_id=call_id, source=source)
+    except Exception:  # noqa: BLE001 - e.g. the run was deactivated between the two calls
+        return None
+
+
+# --- the context manager ---------------------------------------------------------------------------------
+class ToolCall:
+    """One tool call inside `with tool_call(...) as call:` (or `async with`); give it the result with
+    `call.set_result(x)`. In replay mode, `call.replayed` tells whether `call.result` already holds the
+    recorded result (never, until tool replay is implemented)."""
+
+    __slots__ = ("name", "arguments", "mutating", "call_id", "result", "_has_result", "_step", "_source")
+
+    def __init__(
+        self,
+        name: str,
+        arguments: Any = None,
+        *,
+        mutating: bool = False,
+        call_id: str | None = None,
+        source: str = SOURCE_CONTEXT,
+    ) -> None:
+        self.name = name
+        self.arguments = {} if arguments is None else arguments
+        self.mutating = mutating
+        self.call_id = call_id
+        self.result: Any = None
+        self._has_result = False
+        self._step: _Step | None = None
+        self._source = source
+
+    @property
+    def recording(self) -> bool:
+        return self._step is not None
+
+    @property
+    def replayed(self) -> bool:
+        return self._step is not None and self._step.replayed is not NOT_REPLAYED
+
+    def set_result(self, result: Any) -> None:
+        self.result = result
+        self._has_result = True
+
+    def __enter__(self) -> ToolCall:
+        self._step = _start(
+            self.name, self.arguments, mutating=self.mutating, call_id=self.call_id, source=self._source
+        )
+        if self._step is not None and self._step.replayed is not NOT_REPLAYED:
+            self.set_result(self._step.replayed)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        if exc is not None:
+            step.fail(exc)
+        else:
+            step.succeed(self.result, has_result=self._has_result)
+
+    async def __aenter__(self) -> ToolCall:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def tool_call(
+    name: str, arguments: Any = None, mutating: bool = False, call_id: str | None = None
+) -> ToolCall:
+    """Record the tool call made in the `with` / `async with` body; see `ToolCall`."""
+    return ToolCall(name, arguments, mutating=mutating, call_id=call_id)
+
+
+# --- the decorator ---------------------------------------------------------------------------------------
+class _Binder:
+    """Turns a call's (args, kwargs) into (arguments by name, call id)."""
+
+    def __init__(self, func: Callable[..., Any], exclude: Iterable[str]) -> None:
+        self._exclude = frozenset(exclude)
+        try:
+            self._sig: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            self._sig = None
+        params = list(self._sig.parameters.values()) if self._sig is not None else []
+        self._skip_first = bool(params) and params[0].name in ("self", "cls") and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+        call_id = next((kwargs[k] for k in CALL_ID_KWARGS if kwargs.get(k)), None)
+        if self._sig is None:
+            named = {"args": list(args), "kwargs": dict(kwargs)}
+        else:
+            bound = self._sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            named = {}
+            for index, (pname, value) in enumerate(bound.arguments.items()):
+                if index == 0 and self._skip_first:
+                    continue
+                if self._sig.parameters[pname].kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(value)
+                else:
+                    named[pname] = list(value) if isinstance(value, tuple) and (
+                        self._sig.parameters[pname].kind is inspect.Parameter.VAR_POSITIONAL
+                    ) else value
+        for key in (*CALL_ID_KWARGS, *self._exclude):
+            named.pop(key, None)
+        return named, (str(call_id) if call_id is not None else None)
+
+
+@overload
+def tool(func: F, /) -> F: ...
+
+
+@overload
+def tool(
+    *, mutating: bool = False, name: str | None = None, exclude: Iterable[str] = ()
+) -> Callable[[F], F]: ...
+
+
+def tool(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    mutating: bool = False,
+    name: str | None = None,
+    exclude: Iterable[str] = (),
+) -> Any:
+    """Record every call of a sync or async function as a tool step: `@tool` or `@tool(mutating=True,
+    name="search", exclude=("ctx",))`. `name` defaults to the function's `__name__`; `exclude` names
+    parameters left out of the recorded arguments (contexts, clients: anything whose JSON form is not
+    the call's meaning). Generator functions are refused (record them with `tool_call`)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(f"tracetape.tool cannot record generator function {fn.__qualname__}; use tool_call")
+        tool_name = name or getattr(fn, "__name__", None) or "tool"
+        binder = _Binder(fn, exclude)
+
+        def start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Step | None:
+            if runtime.recording() is None:
+                return None
+            try:
+                arguments, call_id = binder.bind(args, kwargs)
+            except TypeError:
+                return None  # the call itself is wrong: let the function raise its own TypeError
+            return _start(tool_name, arguments, mutating=mutating, call_id=call_id, source=SOURCE_DECORATOR)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                step = start(args, kwargs)
+                if step is None:
+                    return await fn(*args, **kwargs)
+                if step.replayed is not NOT_REPLAYED:
+                    step.succeed(step.replayed)
+                    return step.replayed
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    step.fail(exc)
+                    raise
+                step.succeed(result)
+                return result
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            step = start(args, kwargs)
+            if step is None:
+                return fn(*args, **kwargs)
+            if step.replayed is not NOT_REPLAYED:
+                step.succeed(step.replayed)
+                return step.replayed
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                step.fail(exc)
+                raise
+            step.succeed(result)
+            return result
+
+        return wrapper
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+async def record_async_call(
+    name: str,
+    arguments: Any,
+    call: Callable[[], Awaitable[Any]],
+    *,
+    mutating: bool,
+    source: str,
+    call_id: str | None = None,
+    result_json: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Await `call()` recorded as one tool step (used by hooks such as MCP's); `result_json` turns the
+    result into what is recorded (default: the result itself). The replay seam is not consulted here:
+    a hook that replays must rebuild its library's result type from the recorded JSON."""
+    step = _start(name, arguments, mutating=mutating, call_id=call_id, source=source)
+    if step is None:
+        return await call()
+    try:
+        result = await call()
+    except BaseException as exc:
+        step.fail(exc)
+        raise
+    try:
+        recorded = result_json(result) if result_json is not None else result
+    except Exception as err:  # noqa: BLE001
+        step.abandon(f"result: {type(err).__name__}: {err}")
+        return result
+    step.succeed(recorded)
+    return result

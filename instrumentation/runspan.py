@@ -1,0 +1,159 @@
+"""The run's own spans: the run span, the `run_start` marker, their outcome, and passing the run to a child.
+
+- `start_run` starts the run span `invoke_agent {agent}` as a root span (`SPAN_KIND` = `run`,
+  `GEN_AI_OPERATION_NAME` = `invoke_agent`, `GEN_AI_AGENT_NAME`, `RUN_COMMAND`, `RUN_CANON_PROFILE`) and
+  ends, at the same instant, its child `tracetape.run.start` (`SPAN_KIND` = `run_start`, same
+  attributes but the operation name). The caller force-flushes so the start is exported at once.
+- `end_run` sets `RUN_OUTCOME` and `RUN_EXIT_CODE` (status ERROR when failed) and ends the run span.
+- `outcome_for_status` maps a child's wait status to (outcome, exit code): 0 → completed; N > 0 →
+  failed (cancelled when the run was asked to stop, i.e. a SIGINT/SIGTERM was passed on); killed by
+  signal N (`-N`) → cancelled for SIGINT/SIGTERM, failed otherwise. The exit code is kept as `-N`.
+- `traceparent_env` / `context_from_env` carry the run span to a child process as `TRACEPARENT`
+  (W3C trace context) in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Mapping, Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tracetape.instrumentation import contract
+
+RUN_START_SPAN_NAME = "tracetape.run.start"
+OPERATION_INVOKE_AGENT = "invoke_agent"
+CANCEL_SIGNALS = frozenset({int(signal.SIGINT), int(signal.SIGTERM)})
+
+_PYTHON = re.compile(r"(python|pypy)[0-9.]*[a-z]?(\.exe)?", re.IGNORECASE)
+_LAUNCHERS = frozenset({"opentelemetry-instrument", "env", "nohup", "time", "exec"})
+_PY_OPTS_WITH_VALUE = frozenset({"-W", "-X", "-Q"})
+_propagator = TraceContextTextMapPropagator()
+
+
+def agent_name_from_command(argv: Sequence[str]) -> str:
+    """The agent's name as the command shows it: the script's stem, the `-m` module, or the program name.
+
+    `python agent.py` → `agent`; `python -m pkg.main` → `pkg.main`; `opentelemetry-instrument python
+    x.py` → `x`; `./my-agent --flag` → `my-agent`; `python -c ...` → `python`.
+    """
+    args = [a for a in argv if a]
+    i = 0
+    while i < len(args):
+        base = os.path.basename(args[i])
+        if base in _LAUNCHERS or "=" in args[i]:
+            i += 1
+            continue
+        if _PYTHON.fullmatch(base):
+            j = i + 1
+            while j < len(args):
+                arg = args[j]
+                if arg == "-m" and j + 1 < len(args):
+                    return args[j + 1]
+                if arg.startswith("-m") and len(arg) > 2:
+                    return arg[2:]
+                if arg == "-c" or arg.startswith("-c"):
+                    return _stem(base)
+                if arg in _PY_OPTS_WITH_VALUE:
+                    j += 2
+                    continue
+                if arg.startswith("-"):
+                    j += 1
+                    continue
+                return _stem(os.path.basename(arg))
+            return _stem(base)
+        return _stem(base)
+    return "agent"
+
+
+def _stem(name: str) -> str:
+    for suffix in (".py", ".pyw", ".exe"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name or "agent"
+
+
+def run_span_name(agent: str) -> str:
+    return f"{OPERATION_INVOKE_AGENT} {agent}"
+
+
+def start_run(tracer: trace.Tracer, *, agent: str, command: Sequence[str]) -> trace.Span:
+    """Start the run span (a root) and export-queue the zero-length `run_start` span under it."""
+    now = time.time_ns()
+    common = {
+        contract.GEN_AI_AGENT_NAME: agent,
+        contract.RUN_COMMAND: [str(a) for a in command],
+        contract.RUN_CANON_PROFILE: contract.CANON_PROFILE,
+    }
+    run = tracer.start_span(
+        run_span_name(agent),
+        context=Context(),
+        kind=SpanKind.INTERNAL,
+        attributes={
+            **common,
+            contract.SPAN_KIND: contract.SPAN_KIND_RUN,
+            contract.GEN_AI_OPERATION_NAME: OPERATION_INVOKE_AGENT,
+        },
+        start_time=now,
+    )
+    marker = tracer.start_span(
+        RUN_START_SPAN_NAME,
+        context=trace.set_span_in_context(run, Context()),
+        kind=SpanKind.INTERNAL,
+        attributes={**common, contract.SPAN_KIND: contract.SPAN_KIND_RUN_START},
+        start_time=now,
+    )
+    marker.end(end_time=now)
+    return run
+
+
+def end_run(span: trace.Span, outcome: str, exit_code: int) -> None:
+    """Record the outcome on the run span and end it (no-op when it has already ended)."""
+    if not span.is_recording():
+        return
+    span.set_attributes({contract.RUN_OUTCOME: outcome, contract.RUN_EXIT_CODE: int(exit_code)})
+    if outcome == contract.OUTCOME_FAILED:
+        span.set_status(Status(StatusCode.ERROR, f"exit status {exit_code}"))
+    span.end()
+
+
+def outcome_for_status(returncode: int, *, cancel_requested: bool = False) -> tuple[str, int]:
+    """(outcome, exit code) for a child's `returncode` (negative = killed by that signal); see module doc."""
+    if returncode == 0:
+        return contract.OUTCOME_COMPLETED, 0
+    if returncode < 0:
+        cancelled = -returncode in CANCEL_SIGNALS
+        return (contract.OUTCOME_CANCELLED if cancelled else contract.OUTCOME_FAILED), returncode
+    return (contract.OUTCOME_CANCELLED if cancel_requested else contract.OUTCOME_FAILED), returncode
+
+
+def shell_status(returncode: int) -> int:
+    """The exit status a shell gives for `returncode`: itself, or 128 + N for a death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def traceparent_env(span: trace.Span) -> dict[str, str]:
+    """`{"TRACEPARENT": ...}` (and `TRACESTATE` when there is one) for a child process."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span, Context()))
+    return {key.upper(): value for key, value in carrier.items()}
+
+
+def context_from_env(environ: Mapping[str, str]) -> Context | None:
+    """The parent context `TRACEPARENT` (and `TRACESTATE`) in `environ` give, or None when absent/invalid."""
+    traceparent = environ.get("TRACEPARENT", "")
+    if not traceparent:
+        return None
+    carrier = {"traceparent": traceparent}
+    if environ.get("TRACESTATE"):
+        carrier["tracestate"] = environ["TRACESTATE"]
+    ctx = _propagator.extract(carrier, context=Context())
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return ctx
