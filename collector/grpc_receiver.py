@@ -1,0 +1,113 @@
+"""OTLP/gRPC receiver: `opentelemetry.proto.collector.trace.v1.TraceService/Export` on `grpc.aio`.
+
+Contract (same as OTLP/HTTP): the response is sent only after the store committed the spans, with
+`partial_success` when some were rejected. Errors:
+- undecodable request → `INVALID_ARGUMENT` (the request bytes are parsed here, not by gRPC, so a bad
+  message is the client's error rather than `INTERNAL`);
+- over `max_recv_msg_size_mib` (checked by gRPC on the decompressed message) → `RESOURCE_EXHAUSTED`;
+- writer overloaded → `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo` detail (OTLP: retryable
+  because the server says when), store unable to write → `UNAVAILABLE` with `RetryInfo`;
+- a bug → `INTERNAL` (logged; the message says nothing more).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from tracetape.collector import otlp_decode as od
+from tracetape.collector.receiving import OnStored, ReceiverStats, Submitter
+from tracetape.collector.writer import Overloaded, StoreUnavailable
+
+log = logging.getLogger("tracetape.collector.grpc")
+
+SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class TraceService:
+    """The Export method; requests arrive as raw bytes and are parsed here."""
+
+    def __init__(self, writer: Submitter, stats: ReceiverStats, on_stored: OnStored | None = None) -> None:
+        self.writer = writer
+        self.stats = stats
+        self.on_stored = on_stored
+
+    async def export(self, raw: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
+        try:
+            request = od.parse_protobuf(raw)
+        except od.Undecodable as err:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        failure: tuple[grpc.StatusCode, str, float | None] | None = None
+        try:
+            result = await self.writer.submit(request, size=len(raw))
+        except Overloaded as err:
+            failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the collector is busy; retry later", err.retry_after)
+        except StoreUnavailable as err:
+            failure = (grpc.StatusCode.UNAVAILABLE, f"the store cannot take writes now: {err.message}", err.retry_after)
+        except Exception:  # a bug: log it, tell the client nothing more
+            log.exception("OTLP/gRPC export failed")
+            failure = (grpc.StatusCode.INTERNAL, "internal error", None)
+        if failure is not None:
+            await self._abort(context, *failure)
+        self.stats.stored(result, len(raw))
+        if self.on_stored is not None:
+            self.on_stored(result)
+        self.stats.answered("grpc", "OK")
+        return od.export_response(result.rejected, result.error_message if result.rejected else "")
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, retry_after: float | None = None
+    ) -> None:
+        self.stats.answered("grpc", code.name)
+        metadata: tuple[tuple[str, bytes], ...] = ()
+        if retry_after is not None:
+            status = status_pb2.Status(code=code.value[0], message=message)
+            delay = Duration()
+            delay.FromNanoseconds(int(max(retry_after, 0.0) * 1e9))
+            status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            metadata = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+        await context.abort(code, message, trailing_metadata=metadata)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self.export, response_serializer=ExportTraceServiceResponse.SerializeToString
+                )
+            },
+        )
+
+
+async def start_grpc_server(
+    writer: Submitter,
+    *,
+    host: str,
+    port: int,
+    max_recv_msg_size: int,
+    stats: ReceiverStats | None = None,
+    on_stored: OnStored | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_recv_msg_size),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),  # a second collector on the same port must fail, not share it
+        ]
+    )
+    server.add_generic_rpc_handlers((TraceService(writer, stats or ReceiverStats(), on_stored).handler(),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise OSError("address already in use or not available")
+    await server.start()
+    return server, bound

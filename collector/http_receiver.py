@@ -1,0 +1,185 @@
+"""OTLP/HTTP receiver: `POST /v1/traces` (protobuf or JSON; gzip, deflate, zstd), plus `/healthz`, `/metrics`.
+
+Contract
+--------
+- 200 + `ExportTraceServiceResponse` (in the request's encoding) only after the store has committed the
+  request's spans; `partial_success.rejected_spans` + `error_message` when some were rejected.
+- Errors carry a `google.rpc.Status` body in the request's encoding (protobuf when it is unknown):
+  400 undecodable (not retryable), 413 over `max_request_body_size` as sent or inflated (never aiohttp's
+  plain-text 413), 415 unsupported content type/encoding, 405 other methods, 503 + `Retry-After` when the
+  writer is overloaded or the store cannot take writes (full disk included: 503 rather than 507 so that
+  OTLP exporters retry instead of dropping), 500 only for bugs (logged; the body says nothing more).
+- Messages never contain payloads or attribute values.
+
+Serve the app with `start_http_server` (it turns aiohttp's own request decompression off, so the size
+limit is enforced here while inflating and a compression bomb costs at most the limit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from google.rpc import code_pb2
+
+from tracetape.collector import otlp_decode as od
+from tracetape.collector.receiving import OnStored, ReceiverStats, Submitter, retry_after_seconds
+from tracetape.collector.writer import Overloaded, StoreUnavailable
+
+log = logging.getLogger("tracetape.collector.http")
+
+TRACES_PATH = "/v1/traces"
+_READ_CHUNK = 256 * 1024
+_WRITER = web.AppKey("writer", object)
+_LIMIT = web.AppKey("limit", int)
+_STATS = web.AppKey("stats", ReceiverStats)
+_ON_STORED = web.AppKey("on_stored", object)
+_HEALTH = web.AppKey("health", object)
+_STARTED = web.AppKey("started", float)
+
+
+def create_app(
+    writer: Submitter,
+    *,
+    max_request_body_size: int,
+    stats: ReceiverStats | None = None,
+    on_stored: OnStored | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
+) -> web.Application:
+    """The receiver's aiohttp application. `health()` adds fields to `/healthz` and `/metrics`."""
+    app = web.Application(client_max_size=max_request_body_size)
+    app[_WRITER] = writer
+    app[_LIMIT] = max_request_body_size
+    app[_STATS] = stats or ReceiverStats()
+    app[_ON_STORED] = on_stored
+    app[_HEALTH] = health
+    app[_STARTED] = time.time()
+    app.router.add_route("*", TRACES_PATH, export_traces)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_http_server(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float = 10.0
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = any free port); returns the runner and the bound port.
+
+    `runner.cleanup()` stops accepting, then waits up to `shutdown_timeout` for in-flight requests.
+    """
+    runner = web.AppRunner(
+        app, auto_decompress=False, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host or None, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    server = site._server  # noqa: SLF001 - aiohttp exposes the bound sockets only here
+    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    return runner, bound
+
+
+# --- handlers -----------------------------------------------------------------------------------------------
+
+
+async def export_traces(request: web.Request) -> web.Response:
+    """`POST /v1/traces`: decode, store (wait for the commit), answer."""
+    app = request.app
+    stats: ReceiverStats = app[_STATS]
+    encoding = od.response_encoding(request.headers.get("Content-Type"))
+    if request.method != "POST":
+        return _answer(stats, _status(405, code_pb2.UNIMPLEMENTED, f"{TRACES_PATH} accepts POST only", encoding,
+                                      headers={"Allow": "POST"}))
+    try:
+        body = await _read_body(request, app[_LIMIT])
+        decoded = od.decode_request(
+            body, request.headers.get("Content-Type"), request.headers.get("Content-Encoding"),
+            max_size=app[_LIMIT],
+        )
+    except od.DecodeFailure as err:
+        return _answer(stats, _status(err.status, _GRPC_CODE[err.status], err.message, encoding))
+    except (RequestPayloadError, ConnectionError):
+        return _answer(stats, _status(400, code_pb2.INVALID_ARGUMENT, "incomplete request body", encoding))
+    return _answer(stats, await _store(app, decoded))
+
+
+async def _store(app: web.Application, decoded: od.Decoded) -> web.Response:
+    writer: Submitter = app[_WRITER]
+    try:
+        result = await writer.submit(decoded.request, size=decoded.size)
+    except Overloaded as err:
+        return _status(503, code_pb2.UNAVAILABLE, "the collector is busy; retry later", decoded.encoding,
+                       headers={"Retry-After": str(retry_after_seconds(err.retry_after))})
+    except StoreUnavailable as err:
+        return _status(503, code_pb2.UNAVAILABLE, f"the store cannot take writes now: {err.message}",
+                       decoded.encoding, headers={"Retry-After": str(retry_after_seconds(err.retry_after))})
+    except Exception:  # a bug: log it with its traceback, tell the client nothing more
+        log.exception("OTLP/HTTP export failed")
+        return _status(500, code_pb2.INTERNAL, "internal error", decoded.encoding)
+    app[_STATS].stored(result, decoded.size)
+    on_stored = app[_ON_STORED]
+    if on_stored is not None:
+        on_stored(result)
+    message = od.export_response(result.rejected, result.error_message if result.rejected else "")
+    return _message(200, message, decoded.encoding)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    extra = request.app[_HEALTH]() if request.app[_HEALTH] else {}
+    return web.json_response({"status": "ok", **{k: v for k, v in extra.items() if k in ("store", "forwarding")}})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    extra = app[_HEALTH]() if app[_HEALTH] else {}
+    return web.json_response({
+        "uptime_s": round(time.time() - app[_STARTED], 3),
+        "receiver": app[_STATS].snapshot(),
+        **extra,
+    })
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+_GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 413: code_pb2.RESOURCE_EXHAUSTED, 415: code_pb2.INVALID_ARGUMENT}
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The raw (still encoded) body, reading no more than `limit` + 1 bytes; `TooLarge` beyond."""
+    if request.content_length is not None and request.content_length > limit:
+        raise od.TooLarge(f"request body of {request.content_length} bytes is over the {limit}-byte limit")
+    data = bytearray()
+    while True:
+        chunk = await request.content.read(_READ_CHUNK)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > limit:
+            raise od.TooLarge(f"request body is over the {limit}-byte limit")
+
+
+def _message(status: int, message: Any, encoding: od.Encoding, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=od.encode_message(message, encoding),
+        content_type=od.CONTENT_TYPES[encoding],
+        headers=headers,
+    )
+
+
+def _status(
+    status: int, code: int, text: str, encoding: od.Encoding, headers: dict[str, str] | None = None
+) -> web.Response:
+    return _message(status, od.status_message(code, text), encoding, headers)
+
+
+def _answer(stats: ReceiverStats, response: web.Response) -> web.Response:
+    stats.answered("http", str(response.status))
+    return response

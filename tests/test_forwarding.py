@@ -1,0 +1,360 @@
+"""Forwarding the stored spans to Jaeger: slim copies, delivery after commit, retries, independence.
+
+The "Jaeger" here is `tests.support.jaeger_sink.JaegerSink`, a real OTLP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+
+from tests.support.collector import collector_config, fast_retry, http_url, run, running_collector
+from tests.support.jaeger_sink import JaegerSink, attributes
+from tests.support.spans import Agent
+from tracetape.collector import config as cfg
+from tracetape.collector import slim
+from tracetape.collector.forwarder import build_requests, parse_retry_after, span_count
+from tracetape.instrumentation import contract as c
+
+PB = {"Content-Type": "application/x-protobuf"}
+GENAI = (c.GEN_AI_OPERATION_NAME, c.GEN_AI_PROVIDER_NAME, c.GEN_AI_REQUEST_MODEL, c.GEN_AI_RESPONSE_MODEL,
+         c.GEN_AI_RESPONSE_ID, c.GEN_AI_USAGE_INPUT_TOKENS, c.GEN_AI_USAGE_OUTPUT_TOKENS)
+BIG = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "é" * 100_000}]}, ensure_ascii=False).encode()
+
+
+async def post(url: str, body: bytes) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=body, headers=PB) as resp:
+            await resp.read()
+            return resp.status
+
+
+def http_forward(sink: JaegerSink, **extra: Any) -> dict[str, Any]:
+    return {"otlphttp/jaeger": {"endpoint": sink.http_url, "retry_on_failure": fast_retry(), **extra}}
+
+
+def recorded_run(run_id: str = "run-1", steps: int = 3, big: bool = False) -> bytes:
+    agent = Agent(run_id=run_id)
+    for i in range(1, steps + 1):
+        agent.model_step(i, body=BIG if big and i == 1 else None)
+    agent.tool_step(steps + 1, b'{"q": "weather"}', bytes(range(256)) * 4)  # a binary tool result
+    agent.run_span()
+    return agent.request().SerializeToString()
+
+
+# --- slim: pure functions ----------------------------------------------------------------------------------
+
+
+def test_text_preview_is_cut_on_a_character_boundary_within_the_cap() -> None:
+    data = ("ab" + "é" * 1000).encode()
+    preview = slim.preview_payload(data, 101)
+    assert len(preview.encode()) <= 101
+    text, marker = preview.split(slim.ELLIPSIS)
+    assert data.startswith(text.encode())
+    kept = len(text.encode())
+    assert marker == f"[truncated {len(data) - kept} bytes]"
+    assert slim.preview_payload(b'{"short": true}', 100) == '{"short": true}'
+
+
+def test_binary_preview_is_hex_of_the_first_bytes() -> None:
+    data = bytes(range(256)) * 10
+    preview = slim.preview_payload(data, 200)
+    assert preview.startswith(slim.BINARY_PREFIX)
+    assert len(preview.encode()) <= 200
+    hex_part = preview[len(slim.BINARY_PREFIX):].split(slim.ELLIPSIS)[0]
+    assert data.startswith(bytes.fromhex(hex_part))
+    assert preview.endswith(f"[truncated {len(data) - len(hex_part) // 2} bytes]")
+    assert slim.preview_payload(b"\x00\x01", 100) == "hex:0001"
+    assert slim.preview_payload(b"ok\xff", 100) == "hex:6f6bff"
+
+
+def test_compressed_response_bodies_are_previewed_decoded() -> None:
+    text = json.dumps({"choices": [{"message": {"content": "x" * 5000}}]}).encode()
+    preview = slim.preview_payload(gzip.compress(text), 300, content_encoding="gzip")
+    assert preview.startswith('{"choices": [{"message": {"content": "xxx')
+    assert "gzip body of" in preview and len(preview.encode()) <= 300
+    assert slim.preview_payload(gzip.compress(b'{"a": 1}'), 300, content_encoding="gzip") == '{"a": 1}'
+    assert slim.preview_payload(b"not gzip", 300, content_encoding="gzip") == "not gzip"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=3000), st.text(max_size=1500).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+       cap=st.integers(min_value=64, max_value=2048))
+def test_any_preview_is_valid_utf8_within_the_cap(data: bytes, cap: int) -> None:
+    preview = slim.preview_payload(data, cap)
+    encoded = preview.encode("utf-8")  # valid UTF-8 (no lone surrogates)
+    assert len(encoded) <= cap
+    if len(data) <= cap and slim.ELLIPSIS not in preview and not preview.startswith(slim.BINARY_PREFIX):
+        assert encoded == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=3000), cap=st.integers(min_value=64, max_value=2048))
+def test_any_capped_string_is_within_the_cap_and_a_prefix(text: str, cap: int) -> None:
+    capped = slim.cap_string(text, cap)
+    assert len(capped.encode("utf-8", "surrogatepass")) <= cap
+    assert text.startswith(capped.split(slim.ELLIPSIS + "[truncated")[0])
+
+
+def _stored_span(attrs: dict[str, AnyValue]) -> ResourceSpans:
+    rs = ResourceSpans()
+    rs.resource.attributes.add(key="service.name", value=AnyValue(string_value="agent"))
+    span = rs.scope_spans.add().spans.add(name="chat gpt-test", trace_id=b"\1" * 16, span_id=b"\2" * 8)
+    for key, value in attrs.items():
+        span.attributes.add(key=key, value=value)
+    return rs
+
+
+def test_slim_span_adds_previews_keeps_genai_and_caps_everything() -> None:
+    body = b'{"messages": "' + b"m" * 50_000 + b'"}'
+    digest = bytes.fromhex("ab" * 32)
+    fetched: list[tuple[str, str, bytes]] = []
+
+    def fetch(tenant: str, scope: str, d: bytes) -> bytes | None:
+        fetched.append((tenant, scope, d))
+        return body if d == digest else None
+
+    long_array = AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=i) for i in range(5000)]))
+    rs = _stored_span({
+        c.TENANT: AnyValue(string_value="acme"), c.SCOPE: AnyValue(string_value="prod"),
+        c.REQUEST_BODY + ".ref": AnyValue(string_value=digest.hex()),
+        c.REQUEST_BODY + ".size": AnyValue(int_value=len(body)),
+        c.RESPONSE_BODY + ".ref": AnyValue(string_value="cd" * 32),  # not in the store
+        c.GEN_AI_REQUEST_MODEL: AnyValue(string_value="gpt-test"),
+        c.GEN_AI_USAGE_INPUT_TOKENS: AnyValue(int_value=7),
+        c.TOOL_RESULT: AnyValue(bytes_value=b"raw inline payload"),  # a payload left inline
+        "some.long.string": AnyValue(string_value="s" * 40_000),
+        "some.bytes": AnyValue(bytes_value=b"\0" * 40_000),
+        c.RESPONSE_CHUNK_ENDS: long_array,
+    })
+    before = rs.SerializeToString()
+    out = slim.slim_resource_spans(rs, cap=1024, fetch=fetch)
+    assert rs.SerializeToString() == before  # the input is not modified
+    span = out.scope_spans[0].spans[0]
+    attrs = attributes(span)
+    assert fetched == [("acme", "prod", digest), ("acme", "prod", bytes.fromhex("cd" * 32))]
+    assert attrs[c.REQUEST_BODY + ".ref"] == digest.hex()
+    assert attrs[c.REQUEST_BODY + ".size"] == len(body)
+    assert attrs[c.REQUEST_BODY + ".preview"].startswith('{"messages": "mmm')
+    assert c.RESPONSE_BODY + ".preview" not in attrs  # no blob, no preview; the ref stays
+    assert attrs[c.RESPONSE_BODY + ".ref"] == "cd" * 32
+    assert c.TOOL_RESULT not in attrs
+    assert attrs[c.TOOL_RESULT + ".preview"] == "raw inline payload"
+    assert attrs[c.TOOL_RESULT + ".size"] == len(b"raw inline payload")
+    assert attrs[c.GEN_AI_REQUEST_MODEL] == "gpt-test" and attrs[c.GEN_AI_USAGE_INPUT_TOKENS] == 7
+    assert attrs["some.long.string"].startswith("sss") and "[truncated" in attrs["some.long.string"]
+    assert attrs["some.bytes"].startswith("hex:0000")
+    assert attrs[c.RESPONSE_CHUNK_ENDS].startswith("[0,1,2,")
+    for kv in span.attributes:
+        assert kv.value.ByteSize() <= 1024 + 8, kv.key
+
+
+def test_build_requests_groups_by_resource_and_splits_by_bytes() -> None:
+    class Blobs:
+        def blob(self, tenant: str, scope: str, digest: bytes) -> bytes | None:
+            return b"x" * 10_000
+
+    stored = []
+    for i in range(10):
+        rs = _stored_span({c.REQUEST_BODY + ".ref": AnyValue(string_value=f"{i:064x}")})
+        rs.scope_spans[0].spans[0].span_id = i.to_bytes(8, "big")
+        stored.append(rs.SerializeToString())
+    exporter = cfg.OtlpExporter(id="otlphttp/x", protocol="http", endpoint="http://h:1", url="http://h:1/v1/traces",
+                                max_batch_spans=4, max_batch_bytes=1 << 20)
+    route = cfg.ForwardRoute(exporter, cfg.SlimProcessor(max_attribute_bytes=2000))
+    requests, bad = build_requests(stored + [b"\xff garbage"], route, Blobs())
+    assert bad == 1
+    assert [span_count(r) for r in requests] == [4, 4, 2]
+    assert all(len(r.resource_spans) == 1 and len(r.resource_spans[0].scope_spans) == 1 for r in requests)
+    small = dataclasses.replace(route, exporter=dataclasses.replace(exporter, max_batch_spans=100, max_batch_bytes=5000))
+    requests, _ = build_requests(stored, small, Blobs())
+    assert [span_count(r) for r in requests] == [2, 2, 2, 2, 2]
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= parse_retry_after(http_date) <= 31
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_the_sink_receives_every_span_slimmed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with JaegerSink(max_attribute_bytes=64 * 1024) as sink:
+            conf = collector_config(tmp_path / "db", forward=http_forward(sink), slim_cap=4096)
+            async with running_collector(conf) as svc:
+                assert await post(http_url(svc), recorded_run(big=True)) == 200
+                await sink.wait_for_spans(5)  # 3 model steps, 1 tool step, the run span
+                spans = {attributes(s).get(c.STEP_ID, "run"): (s, attributes(s)) for _, s in sink.spans()}
+                assert len(spans) == 5 and sink.span_count() == 5
+                for span, attrs in spans.values():
+                    for key, value in attrs.items():
+                        size = len(value.encode()) if isinstance(value, str) else len(str(value))
+                        assert size <= 4096, key
+                    for payload in c.PAYLOAD_ATTRIBUTES:
+                        assert payload not in attrs
+                _, big = spans[f"{1:016x}"]
+                assert big[c.REQUEST_BODY + ".size"] == len(BIG)
+                digest = bytes.fromhex(big[c.REQUEST_BODY + ".ref"])
+                assert svc.store.blob("acme", "prod", digest) == BIG  # the ref resolves in the store
+                preview = big[c.REQUEST_BODY + ".preview"]
+                assert preview.startswith('{"model": "gpt-test", "messages": [{"role": "user", "content": "ééé')
+                assert preview.endswith(" bytes]")
+                for name in GENAI:
+                    assert name in big, name
+                assert big[c.GEN_AI_RESPONSE_MODEL] == "gpt-test-0613"
+                assert big[c.RESPONSE_BODY + ".preview"].startswith('{"id": "chatcmpl-1"')
+                _, tool = spans[f"{4:016x}"]
+                assert tool[c.TOOL_RESULT + ".preview"].startswith("hex:000102")
+                assert tool[c.TOOL_ARGUMENTS + ".preview"] == '{"q": "weather"}'
+                assert tool[c.GEN_AI_TOOL_NAME] == "search"
+                run_span, run_attrs = spans["run"]
+                assert run_attrs[c.RUN_OUTCOME] == "completed" and run_span.name == "invoke_agent agent"
+                await _wait(lambda: svc.store.outbox_size() == 0)
+
+    run(scenario())
+
+
+def test_forwarding_over_grpc(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with JaegerSink(grpc_enabled=True) as sink:
+            forward = {"otlp/jaeger": {"endpoint": sink.grpc_endpoint, "tls": {"insecure": True},
+                                       "retry_on_failure": fast_retry()}}
+            async with running_collector(collector_config(tmp_path / "db", forward=forward)) as svc:
+                assert await post(http_url(svc), recorded_run()) == 200
+                await sink.wait_for_spans(5)
+                assert sink.http_hits == 0
+                assert all(c.REQUEST_BODY not in attributes(s) for _, s in sink.spans())
+
+    run(scenario())
+
+
+def test_sink_down_then_up_is_eventually_delivered_and_recording_never_waits(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = JaegerSink()
+        await sink.start()
+        await sink.stop()  # down: its port is known, nothing listens there
+        conf = collector_config(tmp_path / "db", forward=http_forward(sink))
+        async with running_collector(conf) as svc:
+            for i in range(5):
+                started = time.monotonic()
+                assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
+                assert time.monotonic() - started < 2.0
+            await _wait(lambda: svc.forwarder.snapshot()["routes"]["otlphttp/jaeger"]["attempts_failed"] >= 2)
+            assert svc.store.outbox_size() == 25
+            await sink.start()  # up again, same port
+            try:
+                await sink.wait_for_spans(25)
+                await _wait(lambda: svc.store.outbox_size() == 0)
+                run_ids = {attributes(s)[c.RUN_ID] for _, s in sink.spans()}
+                assert run_ids == {f"run-{i}" for i in range(5)}
+            finally:
+                await sink.stop()
+
+    run(scenario())
+
+
+def test_a_hung_sink_never_slows_the_receive_path(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with JaegerSink() as sink:
+            sink.delay = 30.0  # accepts the connection, never answers in time
+            forward = http_forward(sink, timeout="20s")
+            async with running_collector(collector_config(tmp_path / "db", forward=forward)) as svc:
+                assert await post(http_url(svc), recorded_run(run_id="run-0")) == 200
+                await _wait(lambda: sink.http_hits >= 1)  # the forwarder is now stuck on the sink
+                for i in range(1, 6):
+                    started = time.monotonic()
+                    assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
+                    assert time.monotonic() - started < 1.0
+                assert len(svc.store.runs("acme", "prod")) == 6
+                started = time.monotonic()
+            assert time.monotonic() - started < 15  # and stopping does not wait for the hung sink either
+
+    run(scenario(), timeout=90)
+
+
+def test_retryable_errors_honour_retry_after_then_deliver(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with JaegerSink() as sink:
+            sink.fail_status, sink.retry_after = 503, "1"
+            async with running_collector(collector_config(tmp_path / "db", forward=http_forward(sink))) as svc:
+                assert await post(http_url(svc), recorded_run()) == 200
+                await _wait(lambda: sink.http_hits >= 1)
+                await asyncio.sleep(1.5)
+                assert sink.http_hits <= 3  # backed off at least the second Retry-After asked for
+                sink.fail_status = None
+                await sink.wait_for_spans(5)
+                assert svc.forwarder.snapshot()["routes"]["otlphttp/jaeger"]["dropped_spans"] == 0
+
+    run(scenario())
+
+
+def test_a_permanent_rejection_drops_that_batch_counted_and_moves_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with JaegerSink() as sink:
+            sink.fail_status = 400
+            async with running_collector(collector_config(tmp_path / "db", forward=http_forward(sink))) as svc:
+                assert await post(http_url(svc), recorded_run(run_id="run-rejected")) == 200
+                route = lambda: svc.forwarder.snapshot()["routes"]["otlphttp/jaeger"]  # noqa: E731
+                await _wait(lambda: route()["dropped_spans"] == 5)
+                assert sink.http_hits == 1  # not retried
+                assert "HTTP 400" in route()["last_error"]
+                await _wait(lambda: svc.store.outbox_size() == 0)
+                sink.fail_status = None
+                assert await post(http_url(svc), recorded_run(run_id="run-later")) == 200
+                await sink.wait_for_spans(5)
+                assert {attributes(s)[c.RUN_ID] for _, s in sink.spans()} == {"run-later"}
+                assert svc.store.run("acme", "prod", "run-rejected") is not None  # still recorded
+
+    run(scenario())
+
+
+def test_undelivered_spans_survive_a_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sink = JaegerSink()
+        await sink.start()
+        await sink.stop()
+        conf = collector_config(tmp_path / "db", forward=http_forward(sink))
+        async with running_collector(conf) as svc:
+            assert await post(http_url(svc), recorded_run()) == 200
+        await sink.start()
+        try:
+            async with running_collector(conf):
+                await sink.wait_for_spans(5)
+        finally:
+            await sink.stop()
+
+    run(scenario())
+
+
+def test_without_forwarding_the_outbox_is_drained(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_collector(collector_config(tmp_path / "db")) as svc:
+            assert await post(http_url(svc), recorded_run()) == 200
+            await _wait(lambda: svc.store.outbox_size() == 0)
+            assert svc.store.stats()["spans"] == 5
+
+    run(scenario())
+
+
+async def _wait(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.02)
