@@ -1,0 +1,121 @@
+"""The replayer's aiohttp application: the sessions API, the proxy and tool routes, JSON errors.
+
+Routes:
+- `POST /v1/replay/sessions` → 201 `{"session_id", "base_urls": {profile: URL}, "replay_base_url", ...}`
+- `GET /v1/replay/sessions` → the open sessions; `GET /v1/replay/sessions/{sid}` → the session's report;
+  `DELETE /v1/replay/sessions/{sid}` → the final report (the replay run, when recorded, is ended and its
+  spans exported before the answer).
+- `GET /v1/replay/health` → `{"status": "ok", "sessions": N}`
+- `POST /s/{sid}/_tool` → tools answered from the tape (`proxy.handle_tool`)
+- `* /s/{sid}/{profile}/{tail}` → the proxy (`proxy.handle_proxy`)
+Every error is JSON `{"error": code, ...}` with a 4xx for client mistakes; an unexpected failure is a 500
+`{"error": "internal"}` whose details go to the log only. Request bodies are capped (`client_max_size`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tracetape.replayer import proxy
+from tracetape.replayer.errors import ApiError
+from tracetape.replayer.proxy import STATE_KEY
+from tracetape.replayer.session import SessionOptions, open_session
+from tracetape.replayer.state import ReplayerState
+
+log = logging.getLogger("tracetape.replayer")
+
+DEFAULT_CLIENT_MAX_SIZE = 64 << 20
+MAX_API_BODY = 64 << 10
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return web.json_response(err.body, status=err.status)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status, "http_error")
+        return web.json_response({"error": code, "message": err.reason}, status=err.status)
+    except (ConnectionError, web.RequestPayloadError):
+        raise
+    except Exception:
+        log.exception("replayer request failed: %s %s", request.method, request.rel_url.raw_path[:200])
+        return web.json_response({"error": "internal"}, status=500)
+
+
+def _base_urls(request: web.Request, state: ReplayerState, sid: str) -> dict[str, str]:
+    root = f"{request.scheme}://{request.host}/s/{sid}"
+    return {name: f"{root}/{name}" for name in sorted(state.profiles)}
+
+
+async def create_session(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.content_length is not None and request.content_length > MAX_API_BODY:
+        raise ApiError(413, "request_too_large", f"at most {MAX_API_BODY} bytes")
+    try:
+        data = await request.json()
+    except ValueError as err:
+        raise ApiError(400, "bad_request", "the body must be a JSON object") from err
+    options = SessionOptions.from_json(data)
+    session = open_session(state.store(), options)
+    if options.record and state.recorder is not None:
+        session.recorder = state.recorder.open(session)
+    try:
+        state.sessions.add(session)
+    except ApiError:
+        if session.recorder is not None:
+            session.recorder.close()
+        raise
+    body = session.describe()
+    body["base_urls"] = _base_urls(request, state, session.id)
+    body["replay_base_url"] = f"{request.scheme}://{request.host}/s/{session.id}"
+    body["recorded_steps"] = len(session.steps)
+    body["recording"] = session.recorder is not None
+    return web.json_response(body, status=201)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({"sessions": [s.describe() for s in state.sessions.all()]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response(state.sessions.get(request.match_info["sid"]).report())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    session = state.sessions.remove(request.match_info["sid"])
+    if session.recorder is not None and state.recorder is not None:
+        session.recorder.close()
+        await asyncio.get_running_loop().run_in_executor(None, state.recorder.flush)  # exported when we answer
+    return web.json_response(session.report())
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({"status": "ok", "sessions": len(state.sessions)})
+
+
+def make_app(state: ReplayerState, *, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
+    app = web.Application(client_max_size=client_max_size, middlewares=[json_errors])
+    app[STATE_KEY] = state
+    app.router.add_post("/v1/replay/sessions", create_session)
+    app.router.add_get("/v1/replay/sessions", list_sessions)
+    app.router.add_get("/v1/replay/sessions/{sid}", get_session)
+    app.router.add_delete("/v1/replay/sessions/{sid}", delete_session)
+    app.router.add_get("/v1/replay/health", health)
+    app.router.add_post("/s/{sid}/_tool", proxy.handle_tool)
+    app.router.add_route("*", "/s/{sid}/{profile}", proxy.handle_proxy)
+    app.router.add_route("*", "/s/{sid}/{profile}/{tail:.*}", proxy.handle_proxy)
+    return app

@@ -1,0 +1,198 @@
+"""`tracetape replayer`: the replayer service, as a command and as an in-process object.
+
+`ReplayerService(...)`: `await start()` binds (port 0 = any free port; `.port`/`.url` tell which), `await
+stop()` ends every open session (their replay runs are ended and flushed) and closes the upstream client.
+Give it `store=` to share a Store already open in this process (the collector's, in `tracetape up`: LMDB
+forbids opening one environment twice in a process); otherwise it opens `data` read-only on first use, so it
+may start before the collector has written anything. `collector=None` (or `record=False`) disables the
+replayer's own recording of replays; `exporter=` sends those spans elsewhere (tests).
+`ReplayerThread` runs a service on its own event loop in a daemon thread (for `tracetape replay -- CMD`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from tracetape.collector.store import Store
+from tracetape.errors import CliError
+from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
+from tracetape.replayer.forward import new_client
+from tracetape.replayer.profiles import Profile, build_profiles
+from tracetape.replayer.recorder import ReplayRecorder
+from tracetape.replayer.runref import default_data_dir
+from tracetape.replayer.session import DEFAULT_MAX_SESSIONS, SessionManager
+from tracetape.replayer.state import ReplayerState
+
+log = logging.getLogger("tracetape.replayer")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4380
+DEFAULT_COLLECTOR = "http://127.0.0.1:4318"
+
+
+class ReplayerService:
+    def __init__(
+        self,
+        *,
+        data: str | os.PathLike[str] | None = None,
+        store: Store | None = None,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        profiles: dict[str, Profile] | None = None,
+        collector: str | None = DEFAULT_COLLECTOR,
+        exporter: SpanExporter | None = None,
+        record: bool = True,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
+    ) -> None:
+        self.data = os.fspath(data) if data is not None else default_data_dir()
+        self._shared_store = store
+        self.host = host
+        self.port = port
+        self.client_max_size = client_max_size
+        recorder = None
+        if record and (exporter is not None or collector):
+            recorder = ReplayRecorder(collector, exporter)
+        self.state = ReplayerState(
+            open_store=self._open_store, profiles=profiles or build_profiles(),
+            sessions=SessionManager(max_sessions), recorder=recorder)
+        self._runner: web.AppRunner | None = None
+
+    def _open_store(self) -> Store:
+        if self._shared_store is not None:
+            return self._shared_store
+        return Store(self.data, readonly=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self.state.client = new_client()
+        app = make_app(self.state, client_max_size=self.client_max_size)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await self._runner.cleanup()
+            raise CliError(f"cannot listen on {self.host}:{self.port}: {err.strerror or err}") from err
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for session in self.state.sessions.all():
+            try:
+                self.state.sessions.remove(session.id)
+            except Exception:
+                pass
+            if session.recorder is not None:
+                session.recorder.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.state.client is not None:
+            await self.state.client.close()
+            self.state.client = None
+        if self.state.recorder is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.state.recorder.shutdown)
+            self.state.recorder = None
+        if self._shared_store is None and self.state._store is not None:
+            self.state._store.close()
+            self.state._store = None
+
+
+class ReplayerThread:
+    """A `ReplayerService` on its own event loop in a daemon thread: `start()` returns once it listens."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.service = ReplayerService(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tracetape-replayer", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def start(self) -> ReplayerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.service.start(), self._loop).result(30)
+        return self
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.service.stop(), self._loop).result(30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="the store directory (default $TRACETAPE_DATA or .tracetape/data)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--collector", default=os.environ.get("TRACETAPE_ENDPOINT") or DEFAULT_COLLECTOR,
+                        help="OTLP/HTTP collector the replayer records replays to (default %(default)s)")
+    parser.add_argument("--no-record", action="store_true", help="do not record replays as new runs")
+    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                        help="an upstream profile: real base URL for live calls (repeatable)")
+    parser.add_argument("--profiles", default=None, metavar="FILE", help="profiles file (JSON or YAML)")
+    parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+
+
+def service_from_args(args: argparse.Namespace, store: Store | None = None) -> ReplayerService:
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"invalid port {args.port}")
+    return ReplayerService(
+        data=args.data, store=store, host=args.host, port=args.port,
+        profiles=build_profiles(args.upstream, args.profiles), collector=args.collector,
+        record=not args.no_record, max_sessions=args.max_sessions)
+
+
+async def serve_forever(services: list[Any]) -> None:
+    """Start `services` (in order), wait for SIGINT/SIGTERM, stop them (in reverse order)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    started = []
+    try:
+        for s in services:
+            await s.start()
+            started.append(s)
+        await stop.wait()
+    finally:
+        for s in reversed(started):
+            await s.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = service_from_args(args)
+
+    async def main() -> None:
+        await service.start()
+        print(f"tracetape replayer listening on {service.url} (store {service.data}, profiles "
+              f"{', '.join(f'{p.name}={p.upstream}' for p in service.state.profiles.values())})", flush=True)
+        try:
+            await serve_forever([])
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+    return 0

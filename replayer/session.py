@@ -1,0 +1,272 @@
+"""Replay sessions: one recorded run loaded once, its match index, its options and its coverage.
+
+Contract:
+- `SessionOptions.from_json` validates a `POST /v1/replay/sessions` body (400 `ApiError` naming the
+  field on any bad value; unknown fields are rejected too, so a typo never silently changes behaviour).
+- `open_session(store, options)` finds the run (404 when absent; 409 `ambiguous_run` when the id exists in
+  several tenant/scopes and none was given), refuses a run that is not replayable (409 `not_replayable`
+  with the reason: `running`, `execution_incomplete`, `recording_failure`, `manually_invalidated`,
+  `canon_profile`, ...) unless `force`, then reads the run's steps with ONE store scan and builds the
+  `MatchIndex`. Nothing else reads the store per request except payload blobs (one get each).
+- `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond); ids are
+  random 128-bit hex.
+- Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
+  from the tape; one matching a step at or after `until_step` goes live, unless the session has already
+  diverged (a request that matched nothing) — then a request that matches the tape again is served from it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracetape.collector import keys, records
+from tracetape.collector.records import AttemptRecord, PayloadRef, RunRecord, StepRecord
+from tracetape.collector.store import Store
+from tracetape.instrumentation import contract
+from tracetape.replayer.coverage import Coverage
+from tracetape.replayer.errors import ApiError
+from tracetape.replayer.matching import ON_EXHAUSTED, ON_EXHAUSTED_ERROR, MatchIndex
+
+MODE_EXACT = "exact"
+MODE_STEP = "step"
+MODE_LIVE = "live"
+MODES = (MODE_EXACT, MODE_STEP, MODE_LIVE)
+
+DEFAULT_MAX_SESSIONS = 1000
+MAX_PACE = 1000.0
+
+_FIELDS = {"run_id", "mode", "until_step", "pace", "force", "tenant", "scope", "on_exhausted",
+           "allow_mutations", "record", "replay_run_id"}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    run_id: str
+    mode: str = MODE_EXACT
+    until_step: int | None = None
+    pace: float = 0.0
+    force: bool = False
+    tenant: str | None = None
+    scope: str | None = None
+    on_exhausted: str = ON_EXHAUSTED_ERROR
+    allow_mutations: frozenset[str] = frozenset()
+    record: bool = True
+    """Whether the replayer records this replay as a new run (False when the client is instrumented)."""
+    replay_run_id: str | None = None
+    """The new run's id (generated when absent)."""
+
+    @classmethod
+    def from_json(cls, data: Any) -> SessionOptions:
+        if not isinstance(data, dict):
+            raise ApiError(400, "bad_request", "the body must be a JSON object")
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(unknown)}")
+        run_id = data.get("run_id")
+        if not isinstance(run_id, str) or not run_id:
+            raise ApiError(400, "bad_request", "run_id (a string) is required")
+        _check_id(run_id, "run_id")
+        mode = data.get("mode", MODE_EXACT)
+        if mode not in MODES:
+            raise ApiError(400, "bad_request", f"mode must be one of {', '.join(MODES)}")
+        until = data.get("until_step")
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
+            raise ApiError(400, "bad_request", "until_step must be a non-negative integer")
+        if mode == MODE_STEP and until is None:
+            raise ApiError(400, "bad_request", "step mode needs until_step")
+        pace = data.get("pace", 0)
+        if isinstance(pace, bool) or not isinstance(pace, (int, float)) or not 0 <= pace <= MAX_PACE:
+            raise ApiError(400, "bad_request", f"pace must be a number from 0 to {MAX_PACE:g}")
+        on_exhausted = data.get("on_exhausted", ON_EXHAUSTED_ERROR)
+        if on_exhausted not in ON_EXHAUSTED:
+            raise ApiError(400, "bad_request", f"on_exhausted must be one of {', '.join(ON_EXHAUSTED)}")
+        allow = data.get("allow_mutations", [])
+        if isinstance(allow, str):
+            allow = [a for a in (x.strip() for x in allow.split(",")) if a]
+        if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+            raise ApiError(400, "bad_request", "allow_mutations must be a list of tool names")
+        flags = {}
+        for name, default in (("force", False), ("record", True)):
+            value = data.get(name, default)
+            if not isinstance(value, bool):
+                raise ApiError(400, "bad_request", f"{name} must be true or false")
+            flags[name] = value
+        ids = {}
+        for name in ("tenant", "scope", "replay_run_id"):
+            value = data.get(name)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise ApiError(400, "bad_request", f"{name} must be a string")
+                _check_id(value, name)
+            ids[name] = value
+        return cls(run_id=run_id, mode=mode, until_step=until, pace=float(pace), on_exhausted=on_exhausted,
+                   allow_mutations=frozenset(allow), **flags, **ids)
+
+
+def _check_id(value: str, what: str) -> None:
+    try:
+        keys.check_id(value, what)
+    except keys.InvalidId as err:
+        raise ApiError(400, "bad_request", str(err)) from err
+
+
+def refusal_reason(run: RunRecord) -> str | None:
+    """Why this run must not be replayed without `force`, or None when it may be."""
+    if run.status == records.STATUS_RUNNING:
+        return "running"
+    ok, reason = records.verdict(run)
+    if not ok:
+        return reason
+    if run.canon_profile and run.canon_profile != contract.CANON_PROFILE:
+        return "canon_profile"
+    return None
+
+
+@dataclass
+class ReplaySession:
+    """A live replay of one recorded run."""
+
+    id: str
+    options: SessionOptions
+    run: RunRecord
+    steps: list[StepRecord]
+    index: MatchIndex
+    store: Store
+    replay_run_id: str
+    forced: bool = False
+    refusal: str | None = None
+    created_ns: int = field(default_factory=time.time_ns)
+    coverage: Coverage = field(default_factory=Coverage)
+    diverged: bool = False
+    closed: bool = False
+    recorder: Any = None  # replayer.recorder.SessionRecorder when this session records
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def tenant(self) -> str:
+        return self.run.tenant
+
+    @property
+    def scope(self) -> str:
+        return self.run.scope
+
+    def attempt(self, step_index: int, attempt_pos: int) -> tuple[StepRecord, AttemptRecord]:
+        step = self.steps[step_index]
+        return step, step.attempts[attempt_pos]
+
+    def blob(self, ref: PayloadRef | None) -> bytes:
+        """A payload's bytes (empty for None); 500-level `ApiError` when the store lost it."""
+        if ref is None:
+            return b""
+        data = self.store.blob(self.tenant, self.scope, ref.digest)
+        if data is None:
+            raise ApiError(502, "payload_missing", "a recorded payload is not in the store")
+        return data
+
+    def mark_diverged(self) -> None:
+        with self._lock:
+            self.diverged = True
+
+    def route_step_mode(self, step_index: int) -> str:
+        """`tape` or `live` for a request that matched recorded step `step_index` (see module doc)."""
+        until = self.options.until_step or 0
+        if step_index < until:
+            return "tape"
+        with self._lock:
+            return "tape" if self.diverged else "live"
+
+    def describe(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "session_id": self.id, "run_id": self.run.run_id, "tenant": self.tenant, "scope": self.scope,
+            "mode": o.mode, "until_step": o.until_step, "pace": o.pace, "on_exhausted": o.on_exhausted,
+            "forced": self.forced, "refusal_overridden": self.refusal, "record": o.record,
+            "replay_run_id": self.replay_run_id, "lineage_depth": self.run.lineage_depth + 1,
+            "allow_mutations": sorted(o.allow_mutations), "closed": self.closed,
+        }
+
+    def report(self) -> dict[str, Any]:
+        out = self.describe()
+        out.update(self.coverage.report(self.steps))
+        out["diverged"] = self.diverged
+        return out
+
+
+def find_run(store: Store, options: SessionOptions) -> RunRecord:
+    found = store.find_run(options.run_id, options.tenant, options.scope)
+    if options.scope is not None and options.tenant is None:
+        found = [r for r in found if r.scope == options.scope]
+    if not found:
+        raise ApiError(404, "run_not_found", f"no recorded run {options.run_id!r}", run=options.run_id)
+    if len(found) > 1:
+        raise ApiError(409, "ambiguous_run", "the run id exists in several tenants/scopes: give tenant and scope",
+                       run=options.run_id, candidates=[{"tenant": r.tenant, "scope": r.scope} for r in found])
+    return found[0]
+
+
+def new_replay_run_id(original: str) -> str:
+    suffix = f"-replay-{os.urandom(3).hex()}"
+    return original[: 128 - len(suffix)] + suffix
+
+
+def open_session(store: Store, options: SessionOptions) -> ReplaySession:
+    """Load a run for replay (see module doc): one scan of its steps, then the in-memory index."""
+    run = find_run(store, options)
+    reason = refusal_reason(run)
+    if reason is not None and not options.force:
+        raise ApiError(409, "not_replayable", f"run {run.run_id} is not replayable: {reason}", run=run.run_id,
+                       reason=reason, run_status=run.status, hint="pass force: true (--force) to replay it anyway")
+    steps = store.steps(run.tenant, run.scope, run.run_id)
+    if options.mode != MODE_LIVE and options.until_step is not None and options.until_step > len(steps):
+        raise ApiError(400, "bad_request", f"until_step {options.until_step} is past the run's {len(steps)} steps")
+    return ReplaySession(
+        id=os.urandom(16).hex(),
+        options=options,
+        run=run,
+        steps=steps,
+        index=MatchIndex(steps, options.on_exhausted),
+        store=store,
+        replay_run_id=options.replay_run_id or new_replay_run_id(run.run_id),
+        forced=options.force and reason is not None,
+        refusal=reason,
+    )
+
+
+class SessionManager:
+    """The live sessions of one replayer, by id."""
+
+    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, ReplaySession] = {}
+        self._lock = threading.Lock()
+
+    def add(self, session: ReplaySession) -> None:
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise ApiError(503, "too_many_sessions", f"at most {self.max_sessions} sessions: delete some")
+            self._sessions[session.id] = session
+
+    def get(self, sid: str) -> ReplaySession:
+        session = self._sessions.get(sid)
+        if session is None:
+            raise ApiError(404, "session_not_found", "no such replay session", session_id=sid[:64])
+        return session
+
+    def remove(self, sid: str) -> ReplaySession:
+        with self._lock:
+            session = self._sessions.pop(sid, None)
+        if session is None:
+            raise ApiError(404, "session_not_found", "no such replay session", session_id=sid[:64])
+        session.closed = True
+        return session
+
+    def all(self) -> list[ReplaySession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,344 @@
+"""The replayer over real sockets: real openai/anthropic SDKs, the stand-in provider (whose request counter
+proves what reached an upstream), recordings made by the real instrumentation hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.replay_support import API_KEY, api, open_session, recording, start_replayer, write_spans
+from tests.support.spans import Agent, chat_request
+from tests.support.standin import Standin
+from tracetape.collector import ingest
+from tracetape.collector.store import Store
+from tracetape.instrumentation import contract as c
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[Standin]:
+    with Standin() as server:
+        yield server
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "db")
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture()
+def replayer(store: Store, standin: Standin, spans: InMemorySpanExporter) -> Iterator[object]:
+    r = start_replayer(store, standin, exporter=spans)
+    yield r
+    r.stop()
+
+
+def _oai(base_url: str, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=API_KEY, **kw)
+
+
+def _ant(base_url: str, **kw: object) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=base_url, api_key=API_KEY, **kw)
+
+
+MSG = [{"role": "user", "content": "tell me a long story"}]
+
+
+def _agent(oc: openai.OpenAI, ac: anthropic.Anthropic) -> list[object]:
+    """A small agent: openai and anthropic, streaming (25 chunks) and not. Returns what the SDKs built."""
+    out: list[object] = []
+    out.append(oc.chat.completions.create(model="gpt-x", messages=MSG).model_dump())
+    stream = oc.chat.completions.create(model="gpt-x", messages=MSG, stream=True,
+                                        stream_options={"include_usage": True}, extra_headers={"x-standin-chunks": "25"})
+    out.append([chunk.model_dump() for chunk in stream])
+    out.append(ac.messages.create(model="claude-x", max_tokens=50, messages=MSG).model_dump())
+    with ac.messages.stream(model="claude-x", max_tokens=50, messages=MSG,
+                            extra_headers={"x-standin-chunks": "22"}) as s:
+        events = [e.model_dump() for e in s]
+        final = s.get_final_message().model_dump()
+    out.append(events)
+    out.append(final)
+    return out
+
+
+def test_exact_replay_rebuilds_identical_objects_with_zero_upstream_requests(
+        store: Store, standin: Standin, replayer: object, spans: InMemorySpanExporter) -> None:
+    with recording(store, "run-sdk"):
+        recorded = _agent(_oai(standin.openai_base_url), _ant(standin.anthropic_base_url))
+    stored = store.steps("default", "default", "run-sdk")
+    assert len(stored) == 4 and len(stored[1].attempts[0].chunk_ends) >= 20
+    wire = {i: ex.response_body for i, ex in enumerate(standin.wait(standin.count))}
+    before = standin.count
+
+    session = open_session(replayer, "run-sdk")
+    replayed = _agent(_oai(session["base_urls"]["openai"]), _ant(session["base_urls"]["anthropic"]))
+    assert replayed == recorded
+    assert standin.count == before  # nothing reached the upstream
+    status, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    assert status == 200 and report["counts"]["tape"] == 4 and report["counts"]["misses"] == 0
+    assert report["unused_steps"] == [] and report["counts"]["live"] == 0
+
+    # The replayer recorded the replay as a new run whose attempts carry the exact wire bytes and boundaries.
+    write_spans(store, list(spans.get_finished_spans()))
+    run = store.run("default", "default", session["replay_run_id"])
+    assert run is not None and (run.replay_of, run.replay_mode, run.lineage_depth) == ("run-sdk", "exact", 1)
+    replay_steps = store.steps("default", "default", session["replay_run_id"])
+    assert [s.envelope_hash for s in replay_steps] == [s.envelope_hash for s in stored]
+    for orig, new in zip(stored, replay_steps):
+        a, b = orig.attempts[0], new.attempts[0]
+        assert store.blob("default", "default", b.response_body.digest) == store.blob(
+            "default", "default", a.response_body.digest)
+        assert b.chunk_ends == a.chunk_ends
+    step_spans = [s for s in spans.get_finished_spans() if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    linked = {(lk.context.trace_id, lk.context.span_id) for s in step_spans for lk in s.links}
+    assert linked == {(int.from_bytes(s.attempts[0].trace_id, "big"), int.from_bytes(s.attempts[0].span_id, "big"))
+                      for s in stored}
+    assert set(wire)  # the stand-in's own record of what it wrote exists (bytes compared in the curl test)
+
+
+def test_curl_receives_the_bytes_the_sdk_received(store: Store, standin: Standin, replayer: object) -> None:
+    body = json.dumps({"model": "gpt-x", "messages": MSG, "stream": True}).encode()
+    with recording(store, "run-curl"):
+        raw = _oai(standin.openai_base_url).chat.completions.with_raw_response.create(
+            model="gpt-x", messages=MSG, stream=True, extra_headers={"x-standin-chunks": "21"})
+        sdk_bytes = b"".join(raw.http_response.iter_bytes())
+    upstream_bytes = standin.last().response_body
+    assert sdk_bytes == upstream_bytes
+    session = open_session(replayer, "run-curl")
+    url = session["base_urls"]["openai"] + "/chat/completions"
+    # the same request body the SDK sent (its JSON key order need not match: the envelope is canonical)
+    sent = standin.last().body
+    before = standin.count
+    if shutil.which("curl"):
+        got = subprocess.run(["curl", "-sS", "--fail-with-body", "-X", "POST", "-H", "content-type: application/json",
+                              "--data-binary", "@-", url], input=sent, capture_output=True, timeout=30, check=True).stdout
+    else:  # pragma: no cover - a raw socket client when curl is absent
+        got = asyncio.run(_post_raw(url, sent))
+    assert got == sdk_bytes and body  # byte for byte
+    assert standin.count == before
+
+
+async def _post_raw(url: str, body: bytes) -> bytes:
+    async with aiohttp.ClientSession(auto_decompress=False) as s, s.post(url, data=body) as r:
+        return await r.read()
+
+
+def test_changed_prompt_exact_409_then_step_mode(store: Store, standin: Standin, replayer: object) -> None:
+    prompts = ["first question", "second question", "third question"]
+    with recording(store, "run-3"):
+        oc = _oai(standin.openai_base_url)
+        recorded = [oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": p}]).model_dump()
+                    for p in prompts]
+    changed = ["first question", "second question, changed", "third question"]
+    before = standin.count
+
+    exact = open_session(replayer, "run-3")
+    oc = _oai(exact["base_urls"]["openai"])
+    assert oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": changed[0]}]).model_dump() == recorded[0]
+    with pytest.raises(openai.APIStatusError) as err:
+        oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": changed[1]}])
+    miss = err.value.response.json()
+    assert err.value.status_code == 409 and miss["error"] == "replay_miss" and miss["run"] == "run-3"
+    assert miss["expected_step"]["index"] == 1
+    assert miss["diff"][0]["path"] == "messages[0].content" and miss["diff"][0]["received"] == changed[1]
+    assert standin.count == before  # exact mode never forwards, and the SDK did not retry the 409
+
+    step = open_session(replayer, "run-3", mode="step", until_step=1)
+    oc = _oai(step["base_urls"]["openai"])
+    answers = [oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": p}]).model_dump()
+               for p in changed]
+    assert standin.count == before + 1  # only the changed step went live
+    assert answers[0] == recorded[0] and answers[2] == recorded[2] and answers[1] != recorded[1]
+    _, report = api(f"{replayer.url}/v1/replay/sessions/{step['session_id']}")
+    assert report["counts"]["tape"] == 2 and report["counts"]["live"] == 1 and report["counts"]["divergences"] == 1
+    assert [u["index"] for u in report["unused_steps"]] == [1]
+
+
+def test_step_mode_sends_steps_from_until_step_live(store: Store, standin: Standin, replayer: object) -> None:
+    with recording(store, "run-step"):
+        oc = _oai(standin.openai_base_url)
+        for p in ("a", "b", "c"):
+            oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": p}])
+    before = standin.count
+    session = open_session(replayer, "run-step", mode="step", until_step=1)
+    oc = _oai(session["base_urls"]["openai"])
+    for p in ("a", "b", "c"):
+        oc.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": p}])
+    assert standin.count == before + 2
+    _, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}")
+    assert (report["counts"]["tape"], report["counts"]["live"], report["unused_steps"]) == (1, 2, [])
+
+
+def test_recorded_errors_replay_so_sdk_retries_repeat(store: Store, standin: Standin, replayer: object) -> None:
+    msgs = [{"role": "user", "content": "flaky"}]
+    with recording(store, "run-err"):
+        oc = _oai(standin.openai_base_url, max_retries=2)
+        ok = oc.chat.completions.create(model="gpt-x", messages=msgs, extra_headers={"x-standin-fault": "429-once"})
+        with pytest.raises(openai.APIConnectionError):
+            list(_oai(standin.openai_base_url, max_retries=0).chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": "broken"}], stream=True,
+                extra_headers={"x-standin-fault": "break-after:2"}))
+    steps = store.steps("default", "default", "run-err")
+    assert [a.status for a in steps[0].attempts] == [429, 200]
+    assert steps[1].attempts[0].end_reason == c.END_ERROR
+    before = standin.count
+    session = open_session(replayer, "run-err")
+    oc = _oai(session["base_urls"]["openai"], max_retries=2)
+    again = oc.chat.completions.create(model="gpt-x", messages=msgs, extra_headers={"x-standin-fault": "429-once"})
+    assert again.model_dump() == ok.model_dump()
+    got: list[object] = []
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in _oai(session["base_urls"]["openai"], max_retries=0).chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": "broken"}], stream=True,
+                extra_headers={"x-standin-fault": "break-after:2"}):
+            got.append(chunk)
+    assert len(got) == 2  # the same two chunks, then the same broken connection
+    assert standin.count == before
+    _, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}")
+    assert report["counts"]["tape"] == 3 and report["unused_attempts"] == 0 and report["counts"]["aborted"] == 1
+
+
+def test_pace_one_reproduces_recorded_timing(store: Store, standin: Standin, replayer: object) -> None:
+    with recording(store, "run-pace"):
+        stream = _oai(standin.openai_base_url).chat.completions.create(
+            model="gpt-x", messages=MSG, stream=True, extra_headers={"x-standin-chunks": "24", "x-standin-delay-ms": "50"})
+        chunks = [ch.model_dump() for ch in stream]
+    attempt = store.steps("default", "default", "run-pace")[0].attempts[0]
+    recorded_s = attempt.chunk_times_us[-1] / 1e6
+    assert recorded_s >= 1.0
+    session = open_session(replayer, "run-pace", pace=1)
+    t0 = time.monotonic()
+    stream = _oai(session["base_urls"]["openai"]).chat.completions.create(
+        model="gpt-x", messages=MSG, stream=True, extra_headers={"x-standin-chunks": "24", "x-standin-delay-ms": "50"})
+    replayed = [ch.model_dump() for ch in stream]
+    elapsed = time.monotonic() - t0
+    assert replayed == chunks
+    assert 0.85 * recorded_s <= elapsed <= 1.15 * recorded_s, (elapsed, recorded_s)
+
+
+def _fill_identical(store: Store, run_id: str) -> tuple[bytes, list[bytes], list[bytes], list[bytes]]:
+    """8 identical requests with 8 different recorded answers, and 8 different requests."""
+    agent = Agent(run_id=run_id, tenant="default", scope="default")
+    same = chat_request("same question")
+    same_answers = [json.dumps({"id": f"same-{i}"}).encode() for i in range(8)]
+    diff_bodies = [chat_request(f"question {i}") for i in range(8)]
+    diff_answers = [json.dumps({"id": f"diff-{i}"}).encode() for i in range(8)]
+    order = list(range(16))
+    random.Random(7).shuffle(order)
+    for pos, k in enumerate(order):
+        if k < 8:
+            agent.model_step(pos, body=same, response=same_answers[k])
+        else:
+            agent.model_step(pos, body=diff_bodies[k - 8], response=diff_answers[k - 8])
+    agent.run_span()
+    batch = ingest.prepare(agent.request(), store)
+    store.apply([batch])
+    agent.shutdown()
+    # the identical ones in recorded order
+    same_in_order = [same_answers[k] for k in order if k < 8]
+    return same, same_in_order, diff_bodies, diff_answers
+
+
+async def _round(http: aiohttp.ClientSession, base: str, same: bytes, diff_bodies: list[bytes],
+                 rng: random.Random) -> tuple[list[bytes], list[bytes]]:
+    calls = [(None, same)] * 8 + list(enumerate(diff_bodies))
+    rng.shuffle(calls)
+
+    async def one(body: bytes) -> bytes:
+        async with http.post(f"{base}/chat/completions", data=body,
+                             headers={"content-type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.read()
+
+    results = await asyncio.gather(*(one(b) for _, b in calls))
+    same_got = [r for (i, _), r in zip(calls, results) if i is None]
+    diff_got = [b"" for _ in diff_bodies]
+    for (i, _), r in zip(calls, results):
+        if i is not None:
+            diff_got[i] = r
+    return same_got, diff_got
+
+
+def test_concurrent_identical_and_different_calls_fifty_rounds(store: Store, replayer: object) -> None:
+    same, same_answers, diff_bodies, diff_answers = _fill_identical(store, "run-conc")
+
+    async def scenario() -> None:
+        rng = random.Random(1)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(50):
+                s = open_session(replayer, "run-conc", record=False)
+                same_got, diff_got = await _round(http, s["base_urls"]["openai"], same, diff_bodies, rng)
+                assert sorted(same_got) == sorted(same_answers) and diff_got == diff_answers
+                api(f"{replayer.url}/v1/replay/sessions/{s['session_id']}", "DELETE")
+            # issued one after another, identical requests get their recordings in recorded order
+            s = open_session(replayer, "run-conc", record=False)
+            got = []
+            for _ in range(8):
+                async with http.post(s["base_urls"]["openai"] + "/chat/completions", data=same) as r:
+                    got.append(await r.read())
+            assert got == same_answers
+            async with http.post(s["base_urls"]["openai"] + "/chat/completions", data=same) as r:
+                assert r.status == 409 and (await r.json())["error"] == "replay_exhausted"
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_twenty_concurrent_sessions_do_not_interfere(store: Store, replayer: object) -> None:
+    same, same_answers, diff_bodies, diff_answers = _fill_identical(store, "run-multi")
+
+    async def scenario() -> None:
+        sessions = [open_session(replayer, "run-multi", record=False) for _ in range(20)]
+        async with aiohttp.ClientSession() as http:
+            results = await asyncio.gather(*(
+                _round(http, s["base_urls"]["openai"], same, diff_bodies, random.Random(i))
+                for i, s in enumerate(sessions)))
+        for same_got, diff_got in results:
+            assert sorted(same_got) == sorted(same_answers) and diff_got == diff_answers
+        for s in sessions:
+            _, report = api(f"{replayer.url}/v1/replay/sessions/{s['session_id']}")
+            assert report["counts"]["tape"] == 16 and report["unused_steps"] == [] and report["counts"]["misses"] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_refusals_and_client_errors_are_json(store: Store, standin: Standin, replayer: object,
+                                             spans: InMemorySpanExporter) -> None:
+    with recording(store, "run-open", end=False):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    url = f"{replayer.url}/v1/replay/sessions"
+    status, body = api(url, "POST", {"run_id": "run-open"})
+    assert status == 409 and body["error"] == "not_replayable" and body["reason"] == "running"
+    status, body = api(url, "POST", {"run_id": "run-open", "force": True})
+    assert status == 201 and body["forced"] is True
+    api(f"{url}/{body['session_id']}", "DELETE")
+    write_spans(store, list(spans.get_finished_spans()))
+    assert store.run("default", "default", body["replay_run_id"]).replay_forced is True
+    for bad, code in [(b"{not json", 400), (b'{"run_id": "nope"}', 404), (b'{"run_id": "run-open", "mode": "x"}', 400)]:
+        status, body = api(url, "POST", raw=bad)
+        assert status == code and "error" in body
+    assert api(f"{url}/0123")[0] == 404
+    assert api(f"{replayer.url}/s/0123/openai/chat/completions", "POST", {})[0] == 404
+    ok = open_session(replayer, "run-open", force=True)
+    status, body = api(f"{replayer.url}/s/{ok['session_id']}/nosuch/x", "POST", {})
+    assert status == 404 and body["error"] == "unknown_profile"
+    assert api(f"{replayer.url}/nowhere")[0] == 404
+    status, body = api(f"{replayer.url}/s/{ok['session_id']}/_tool", "POST", {"name": 1})
+    assert status == 400
