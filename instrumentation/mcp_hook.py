@@ -5,7 +5,8 @@ per round) is recorded like `tools.tool_call` with `TOOL_SOURCE` = `mcp`: the ar
 None), and as the result the returned `CallToolResult` (or other result model) dumped to JSON as on the
 wire (`model_dump(mode="json", by_alias=True, exclude_none=True)`). A tool error the server reports
 (`isError`) is a result, not an exception; an exception (timeout, protocol error) is recorded and
-re-raised.
+re-raised. In replay, the recorded result is returned as a `CallToolResult` without calling the server
+(see `tools`).
 
 The MCP transport's own HTTP traffic is not a step: the httpx2 client a streamable-HTTP session sends
 with (`StreamableHTTPTransport`) sends with instrumentation suppressed, so the HTTP hooks skip it; what
@@ -49,6 +50,13 @@ def _dump(result: Any) -> Any:
     if callable(dump):
         return dump(mode="json", by_alias=True, exclude_none=True)
     return result
+
+
+def _load(value: Any) -> Any:
+    """A recorded result (replay) back as a `CallToolResult`."""
+    from mcp.types import CallToolResult
+
+    return CallToolResult.model_validate(value)
 
 
 def _note_listing(session: Any, result: Any) -> None:
@@ -153,6 +161,7 @@ def _patch_class(cls: Any) -> None:
             mutating=_mutating(self, name),
             source=tools.SOURCE_MCP,
             result_json=_dump,
+            result_from_json=_load,
         )
 
     @functools.wraps(list_tools)

@@ -132,8 +132,11 @@ def _child_env(
 
 
 def prepend_path(directory: str, path: str) -> str:
-    """`path` (an os.pathsep list) with `directory` first and not repeated."""
-    parts = [p for p in path.split(os.pathsep) if p and os.path.abspath(p) != directory]
+    """`path` (an os.pathsep list) with `directory` first and not repeated; other entries, empty ones
+    (the current directory) included, are kept in order."""
+    if not path:
+        return directory
+    parts = [p for p in path.split(os.pathsep) if not p or os.path.abspath(p) != directory]
     return os.pathsep.join([directory, *parts])
 
 

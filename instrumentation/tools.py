@@ -21,8 +21,10 @@ A failure of the recorder itself never reaches the tool: it is noted in `RECORDI
 
 When this process is not recording (`runtime.recording()` is None) the function runs untouched.
 
-Replay seam: in replay mode `_replayed_result` is asked first; it returns `NOT_REPLAYED` until tool replay is
-implemented, so tools still run live (and are recorded) in replay mode for now.
+Replay (`TRACETAPE_MODE=replay`): each call first asks `_replayed_result` (the replay session, through
+`tool_replay.answer_tool`). A recorded answer is returned (or the recorded exception raised) without running
+the function, and recorded on this run's step like a live result; `NOT_REPLAYED` runs it live; a miss raises
+(fail-closed). A `tool_call` body always runs: it must check `call.replayed` and then use `call.result`.
 """
 
 from __future__ import annotations
@@ -81,24 +83,28 @@ def encode_result(result: Any) -> bytes:
 def _replayed_result(
     ctx: runtime.RunContext, name: str, arguments: bytes, envelope_hash: str, mutating: bool
 ) -> Any:
-    """Replay mode: the recorded result of this call, or `NOT_REPLAYED` to run the tool live.
+    """Replay mode: the recorded result of this call (the tool must not run), `NOT_REPLAYED` (run it live),
+    or raise: the recorded exception, or `tool_replay.ToolReplayMiss` / `ToolReplayError` (fail-closed).
 
-    The seam where tool replay plugs in (answering from the replay session at `ctx.replay_url`, refusing
-    mutating tools not in `ctx.allow_mutations`). Not implemented yet: always `NOT_REPLAYED`.
+    Asks the replay session at `ctx.replay_url` through `tool_replay.answer_tool`, which also decides
+    whether a mutating tool may run live (`ctx.allow_mutations`).
     """
-    return NOT_REPLAYED
+    from tracetape.instrumentation import tool_replay
+
+    answer = tool_replay.answer_tool(ctx, name, envelope_hash, mutating)
+    return NOT_REPLAYED if answer is None else answer.value()
 
 
 def _error_type(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
-    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 class _Step:
-    """One recorded tool call: its span, made current until `finish`."""
+    """One recorded tool call: its span, current from its start until it ends (`succeed`/`fail`/`abandon`)."""
 
-    __slots__ = ("span", "_token", "replayed", "arguments_bytes", "envelope_hash")
+    __slots__ = ("span", "_token", "arguments_bytes", "envelope_hash", "_ctx", "_name", "_mutating")
 
     def __init__(
         self,
@@ -141,9 +147,18 @@ class _Step:
             start_time=started_ns,
         )
         self._token = context_api.attach(trace.set_span_in_context(self.span))
-        self.replayed: Any = NOT_REPLAYED
-        if ctx.mode == runtime.MODE_REPLAY and self.envelope_hash:
-            self.replayed = _replayed_result(ctx, name, self.arguments_bytes, self.envelope_hash, mutating)
+        self._ctx, self._name, self._mutating = ctx, name, mutating
+
+    def replay(self) -> Any:
+        """In replay mode, `_replayed_result` for this call; else `NOT_REPLAYED`. An exception it raises
+        (the recorded one, or a miss) ends this step with it, then propagates: the tool must not run."""
+        if self._ctx.mode != runtime.MODE_REPLAY:
+            return NOT_REPLAYED
+        try:
+            return _replayed_result(self._ctx, self._name, self.arguments_bytes, self.envelope_hash, self._mutating)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
 
     def _detach(self) -> None:
         try:
@@ -188,10 +203,10 @@ def _start(
 # --- the context manager ---------------------------------------------------------------------------------
 class ToolCall:
     """One tool call inside `with tool_call(...) as call:` (or `async with`); give it the result with
-    `call.set_result(x)`. In replay mode, `call.replayed` tells whether `call.result` already holds the
-    recorded result (never, until tool replay is implemented)."""
+    `call.set_result(x)`. In replay mode, when `call.replayed` is True, `call.result` already holds the
+    recorded result and the body must not run the tool; entering raises the recorded exception, or a miss."""
 
-    __slots__ = ("name", "arguments", "mutating", "call_id", "result", "_has_result", "_step", "_source")
+    __slots__ = ("name", "arguments", "mutating", "call_id", "result", "replayed", "_has_result", "_step", "_source")
 
     def __init__(
         self,
@@ -207,6 +222,8 @@ class ToolCall:
         self.mutating = mutating
         self.call_id = call_id
         self.result: Any = None
+        self.replayed = False
+        """True when `result` holds the recorded result (replay): the body must not run the tool."""
         self._has_result = False
         self._step: _Step | None = None
         self._source = source
@@ -215,20 +232,18 @@ class ToolCall:
     def recording(self) -> bool:
         return self._step is not None
 
-    @property
-    def replayed(self) -> bool:
-        return self._step is not None and self._step.replayed is not NOT_REPLAYED
-
     def set_result(self, result: Any) -> None:
         self.result = result
         self._has_result = True
 
     def __enter__(self) -> ToolCall:
-        self._step = _start(
-            self.name, self.arguments, mutating=self.mutating, call_id=self.call_id, source=self._source
-        )
-        if self._step is not None and self._step.replayed is not NOT_REPLAYED:
-            self.set_result(self._step.replayed)
+        step = _start(self.name, self.arguments, mutating=self.mutating, call_id=self.call_id, source=self._source)
+        if step is not None:
+            replayed = step.replay()  # raises the recorded exception (or a miss): the body never runs
+            if replayed is not NOT_REPLAYED:
+                self.set_result(replayed)
+                self.replayed = True
+        self._step = step
         return self
 
     def __exit__(
@@ -347,9 +362,10 @@ def tool(
                 step = start(args, kwargs)
                 if step is None:
                     return await fn(*args, **kwargs)
-                if step.replayed is not NOT_REPLAYED:
-                    step.succeed(step.replayed)
-                    return step.replayed
+                replayed = step.replay()
+                if replayed is not NOT_REPLAYED:
+                    step.succeed(replayed)
+                    return replayed
                 try:
                     result = await fn(*args, **kwargs)
                 except BaseException as exc:
@@ -365,9 +381,10 @@ def tool(
             step = start(args, kwargs)
             if step is None:
                 return fn(*args, **kwargs)
-            if step.replayed is not NOT_REPLAYED:
-                step.succeed(step.replayed)
-                return step.replayed
+            replayed = step.replay()
+            if replayed is not NOT_REPLAYED:
+                step.succeed(replayed)
+                return replayed
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
@@ -392,13 +409,18 @@ async def record_async_call(
     source: str,
     call_id: str | None = None,
     result_json: Callable[[Any], Any] | None = None,
+    result_from_json: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Await `call()` recorded as one tool step (used by hooks such as MCP's); `result_json` turns the
-    result into what is recorded (default: the result itself). The replay seam is not consulted here:
-    a hook that replays must rebuild its library's result type from the recorded JSON."""
+    result into what is recorded (default: the result itself). In replay, a recorded result is turned back
+    into the library's type by `result_from_json` (default: as is) and `call()` is not awaited."""
     step = _start(name, arguments, mutating=mutating, call_id=call_id, source=source)
     if step is None:
         return await call()
+    replayed = step.replay()
+    if replayed is not NOT_REPLAYED:
+        step.succeed(replayed)
+        return result_from_json(replayed) if result_from_json is not None else replayed
     try:
         result = await call()
     except BaseException as exc:

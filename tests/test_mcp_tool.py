@@ -29,6 +29,7 @@ RUN_ID = "run-mcp-test"
 SECRET = "sk-ant-" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt"
 
 Spans = Callable[[], list[ReadableSpan]]
+SERVER_CALLS: list[str] = []
 
 
 def _server() -> MCPServer:
@@ -40,6 +41,7 @@ def _server() -> MCPServer:
 
     @server.tool()
     def store(key: str, value: str) -> str:
+        SERVER_CALLS.append(key)
         return f"stored {key}"
 
     @server.tool()
@@ -204,3 +206,26 @@ def test_the_mcp_transport_traffic_is_not_recorded_as_http_steps(mcp_url: str, s
     assert result.structured_content == {"result": 3}  # type: ignore[attr-defined]
     steps = spans()
     assert sorted(s.attributes[contract.STEP_KIND] for s in steps) == ["http", "tool"], [s.name for s in steps]
+
+
+def test_replay_returns_the_recorded_result_without_calling_the_server(mcp_url: str, spans: Spans) -> None:
+    from tests.support.tool_answers import ToolAnswers
+    from tracetape.instrumentation.tools import tool_request
+
+    recorded = {"content": [{"type": "text", "text": "stored k (recorded)"}], "isError": False}
+    table = {("store", tool_request("store", {"key": "k", "value": "v"})[1]): {"action": "answer", "result": recorded}}
+    with ToolAnswers(table) as answers:
+        ctx = runtime.RunContext(run_id=RUN_ID, tenant="default", scope="default", mode=runtime.MODE_REPLAY,
+                                 replay_url=answers.url)
+        runtime.activate(ctx, runtime.tracer())
+        before = list(SERVER_CALLS)
+
+        async def body(session: ClientSession) -> object:
+            return await session.call_tool("store", {"key": "k", "value": "v"})
+
+        result = asyncio.run(_with_session(mcp_url, body))
+    assert SERVER_CALLS == before
+    assert result.content[0].text == "stored k (recorded)"  # type: ignore[attr-defined]
+    assert answers.requests[0]["mutating"] is True and answers.requests[0]["allowed"] is False
+    (span,) = spans()
+    assert json.loads(span.attributes[contract.TOOL_RESULT]) == recorded

@@ -319,3 +319,62 @@ def test_a_tool_called_from_a_bare_thread_is_parented_under_the_run(spans: Spans
     tool_span = next(s for s in spans() if s.name == "execute_tool add")
     assert tool_span.parent is not None and tool_span.parent.span_id == run_span.get_span_context().span_id
     assert tool_span.context.trace_id == run_span.get_span_context().trace_id
+
+
+# --- replay mode: answered by the replay session (a stand-in of its /_tool endpoint) ---------------------
+def test_replay_answers_from_the_tape_without_running_the_tool(spans: Spans) -> None:
+    from tests.support.tool_answers import ToolAnswers
+    from tracetape.instrumentation import tool_replay
+
+    ran: list[str] = []
+
+    @tracetape.tool
+    def lookup(city: str) -> dict[str, object]:
+        ran.append("lookup")
+        return {"live": True}
+
+    @tracetape.tool
+    async def explode(x: int) -> int:
+        ran.append("explode")
+        return x
+
+    @tracetape.tool(mutating=True)
+    def send(to: str) -> str:
+        ran.append("send")
+        return f"sent live to {to}"
+
+    h = lambda name, args: tool_request(name, args)[1]  # noqa: E731
+    table = {
+        ("lookup", h("lookup", {"city": "Paris"})): {"action": "answer", "step": 0, "result": {"temp": 12}},
+        ("explode", h("explode", {"x": 3})): {"action": "answer", "step": 1, "error_type": "ValueError",
+                                               "error_message": "bad x 3"},
+        ("send", h("send", {"to": "ops"})): {"action": "run"},
+        ("search", h("search", {"q": "otel"})): {"action": "answer", "step": 3, "result": ["a"]},
+    }
+    with ToolAnswers(table) as answers:
+        ctx = runtime.RunContext(run_id=RUN_ID, tenant="t1", scope="s1", mode=runtime.MODE_REPLAY,
+                                 replay_url=answers.url, allow_mutations=frozenset({"send"}))
+        runtime.activate(ctx, runtime.tracer())
+        assert lookup("Paris") == {"temp": 12}
+        with pytest.raises(ValueError, match="bad x 3"):
+            asyncio.run(explode(3))
+        assert send("ops") == "sent live to ops"
+        with tracetape.tool_call("search", {"q": "otel"}) as call:
+            assert call.replayed and call.result == ["a"]
+        with pytest.raises(tool_replay.ToolReplayMiss):
+            lookup("Rome")
+        with pytest.raises(tool_replay.ToolReplayMiss):
+            with tracetape.tool_call("search", {"q": "other"}):
+                ran.append("body of a missed call")
+    assert ran == ["send"]
+    assert [r["path"] for r in answers.requests] == ["/s/test/_tool"] * 6
+    assert answers.requests[2] == {"path": "/s/test/_tool", "name": "send", "envelope_hash": h("send", {"to": "ops"}),
+                                   "mutating": True, "allowed": True}
+    by_name: dict[str, list[ReadableSpan]] = {}
+    for s in sorted(spans(), key=lambda s: s.attributes[contract.STEP_INDEX]):
+        by_name.setdefault(s.name, []).append(s)
+    assert by_name["execute_tool lookup"][0].attributes[contract.TOOL_RESULT] == b'{"temp":12}'
+    assert by_name["execute_tool lookup"][1].attributes[contract.ERROR_TYPE].endswith("ToolReplayMiss")
+    assert by_name["execute_tool explode"][0].attributes[contract.ERROR_TYPE] == "ValueError"
+    assert by_name["execute_tool send"][0].attributes[contract.TOOL_RESULT] == b'"sent live to ops"'
+    assert by_name["execute_tool search"][0].attributes[contract.TOOL_RESULT] == b'["a"]'
