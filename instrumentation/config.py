@@ -9,6 +9,7 @@
 | `TRACETAPE_HTTP_HOSTS`       | comma list of `host` or `host:port` whose plain HTTP calls are recorded  | empty                            |
 | `TRACETAPE_MODE`             | `record` or `replay`                                                     | `record`                         |
 | `TRACETAPE_REPLAY_URL`       | replay mode: the replay session's base URL                               | empty                            |
+| `TRACETAPE_REPLAY_PATHS`     | replay mode: JSON {proxy path prefix: upstream base path}; envelopes hash the upstream path | empty |
 | `TRACETAPE_ALLOW_MUTATIONS`  | comma list of tool names allowed to run live in replay (`*` = all)       | empty                            |
 | `TRACETAPE_RUN_SPAN`         | `external`: the `tracetape run` wrapper owns the run span, and this      | empty (this process owns the run)|
 |                              | process parents its spans under `TRACEPARENT` (and `TRACESTATE`)         |                                  |
@@ -24,6 +25,7 @@ Tenant, scope and run id are ids: 1-128 of `A-Z a-z 0-9 . _ : @ + -` (the collec
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -46,6 +48,7 @@ ENV_ENDPOINT = "TRACETAPE_ENDPOINT"
 ENV_HTTP_HOSTS = "TRACETAPE_HTTP_HOSTS"
 ENV_MODE = "TRACETAPE_MODE"
 ENV_REPLAY_URL = "TRACETAPE_REPLAY_URL"
+ENV_REPLAY_PATHS = "TRACETAPE_REPLAY_PATHS"
 ENV_ALLOW_MUTATIONS = "TRACETAPE_ALLOW_MUTATIONS"
 ENV_RUN_SPAN = "TRACETAPE_RUN_SPAN"
 ENV_MAX_EXPORT_BYTES = "TRACETAPE_MAX_EXPORT_BYTES"
@@ -84,6 +87,19 @@ def split_list(value: str | None) -> frozenset[str]:
     return frozenset(p.strip() for p in (value or "").split(",") if p.strip())
 
 
+def parse_replay_paths(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """`TRACETAPE_REPLAY_PATHS` (a JSON object: proxy path prefix → upstream base path), longest prefix first."""
+    if not raw or not raw.strip():
+        return ()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"invalid {ENV_REPLAY_PATHS}: not a JSON object") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"invalid {ENV_REPLAY_PATHS}: use {{\"/s/SID/openai\": \"/v1\", ...}}")
+    return tuple(sorted(data.items(), key=lambda kv: -len(kv[0])))
+
+
 @dataclass(frozen=True)
 class RecorderConfig:
     """Everything the recording process needs to know; see the module docstring for the variables."""
@@ -95,6 +111,7 @@ class RecorderConfig:
     http_hosts: frozenset[str] = field(default_factory=frozenset)
     mode: str = runtime.MODE_RECORD
     replay_url: str = ""
+    replay_paths: tuple[tuple[str, str], ...] = ()
     allow_mutations: frozenset[str] = field(default_factory=frozenset)
     run_span_external: bool = False
     max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
@@ -124,6 +141,7 @@ class RecorderConfig:
             http_hosts=frozenset(h.lower() for h in split_list(env.get(ENV_HTTP_HOSTS))),
             mode=mode,
             replay_url=(env.get(ENV_REPLAY_URL) or "").strip(),
+            replay_paths=parse_replay_paths(env.get(ENV_REPLAY_PATHS)),
             allow_mutations=split_list(env.get(ENV_ALLOW_MUTATIONS)),
             run_span_external=(env.get(ENV_RUN_SPAN) or "").strip().lower() == RUN_SPAN_EXTERNAL,
             max_export_bytes=max_bytes,
@@ -147,6 +165,7 @@ class RecorderConfig:
             http_hosts=self.http_hosts,
             replay_url=self.replay_url,
             allow_mutations=self.allow_mutations,
+            upstream_paths=self.replay_paths,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -163,6 +182,8 @@ class RecorderConfig:
             env[ENV_HTTP_HOSTS] = ",".join(sorted(self.http_hosts))
         if self.replay_url:
             env[ENV_REPLAY_URL] = self.replay_url
+        if self.replay_paths:
+            env[ENV_REPLAY_PATHS] = json.dumps(dict(self.replay_paths))
         if self.allow_mutations:
             env[ENV_ALLOW_MUTATIONS] = ",".join(sorted(self.allow_mutations))
         if self.run_span_external:

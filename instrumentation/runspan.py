@@ -19,6 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -83,13 +84,44 @@ def run_span_name(agent: str) -> str:
     return f"{OPERATION_INVOKE_AGENT} {agent}"
 
 
-def start_run(tracer: trace.Tracer, *, agent: str, command: Sequence[str]) -> trace.Span:
-    """Start the run span (a root) and export-queue the zero-length `run_start` span under it."""
+REPLAY_ENV = {
+    "TRACETAPE_REPLAY_OF": contract.RUN_REPLAY_OF,
+    "TRACETAPE_REPLAY_MODE": contract.RUN_REPLAY_MODE,
+    "TRACETAPE_REPLAY_FORCED": contract.RUN_REPLAY_FORCED,
+    "TRACETAPE_LINEAGE_DEPTH": contract.RUN_LINEAGE_DEPTH,
+}
+"""Environment variables `tracetape replay` sets, and the run-span attribute each becomes."""
+
+
+def replay_lineage(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The run-span attributes that mark a replay run (empty for an original recording)."""
+    out: dict[str, Any] = {}
+    for name, attribute in REPLAY_ENV.items():
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        if attribute == contract.RUN_REPLAY_FORCED:
+            out[attribute] = raw.lower() in ("1", "true", "yes")
+        elif attribute == contract.RUN_LINEAGE_DEPTH:
+            out[attribute] = int(raw) if raw.isdigit() else 0
+        else:
+            out[attribute] = raw
+    return out
+
+
+def start_run(
+    tracer: trace.Tracer, *, agent: str, command: Sequence[str], environ: Mapping[str, str] | None = None
+) -> trace.Span:
+    """Start the run span (a root) and export-queue the zero-length `run_start` span under it.
+
+    A replay run (`tracetape replay` sets `REPLAY_ENV`) also carries its lineage on both spans.
+    """
     now = time.time_ns()
     common = {
         contract.GEN_AI_AGENT_NAME: agent,
         contract.RUN_COMMAND: [str(a) for a in command],
         contract.RUN_CANON_PROFILE: contract.CANON_PROFILE,
+        **replay_lineage(os.environ if environ is None else environ),
     }
     run = tracer.start_span(
         run_span_name(agent),

@@ -33,6 +33,18 @@ class RunContext:
     replay_url: str = ""
     """In replay mode: the replay session's base URL (tools are answered from it)."""
     allow_mutations: frozenset[str] = field(default_factory=frozenset)
+    upstream_paths: tuple[tuple[str, str], ...] = ()
+    """In replay mode: (proxy path prefix, upstream base path) pairs, e.g. (`/s/SID/openai`, `/v1`)."""
+
+    def upstream_path(self, path: str) -> str:
+        """The path a request through the replay proxy stands for upstream (unchanged when not proxied).
+
+        An SDK pointed at `.../s/SID/openai` sends `/s/SID/openai/chat/completions`; recorded as-is its
+        envelope would differ from the original's `/v1/chat/completions`."""
+        for prefix, base in self.upstream_paths:
+            if path == prefix or path.startswith(prefix + "/"):
+                return base + path[len(prefix):]
+        return path
 
 
 @dataclass

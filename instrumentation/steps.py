@@ -321,7 +321,7 @@ def _start(
 ) -> HttpAttempt:
     method = method.upper()
     parts = urlsplit(url)
-    path = contract.normalize_path(parts.path)
+    path = contract.normalize_path(ctx.upstream_path(parts.path))
     kept = _drop_secret_headers(headers)
     redacted = redaction.redact_body(bytes(body))
     parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name

@@ -1,7 +1,9 @@
 """The replayer's aiohttp application: the sessions API, the proxy and tool routes, JSON errors.
 
 Routes:
-- `POST /v1/replay/sessions` → 201 `{"session_id", "base_urls": {profile: URL}, "replay_base_url", ...}`
+- `POST /v1/replay/sessions` → 201 `{"session_id", "base_urls": {profile: URL}, "replay_base_url",
+  "upstream_paths": {proxy path prefix: upstream base path}, ...}` (an instrumented client recording through
+  the proxy hashes the upstream path, so its envelopes equal the original run's)
 - `GET /v1/replay/sessions` → the open sessions; `GET /v1/replay/sessions/{sid}` → the session's report;
   `DELETE /v1/replay/sessions/{sid}` → the final report (the replay run, when recorded, is ended and its
   spans exported before the answer).
@@ -78,6 +80,7 @@ async def create_session(request: web.Request) -> web.Response:
     body = session.describe()
     body["base_urls"] = _base_urls(request, state, session.id)
     body["replay_base_url"] = f"{request.scheme}://{request.host}/s/{session.id}"
+    body["upstream_paths"] = {f"/s/{session.id}/{name}": p.base_path for name, p in sorted(state.profiles.items())}
     body["recorded_steps"] = len(session.steps)
     body["recording"] = session.recorder is not None
     return web.json_response(body, status=201)

@@ -228,6 +228,7 @@ def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[
         env.update({
             "OPENAI_BASE_URL": urls.get("openai", ""), "ANTHROPIC_BASE_URL": urls.get("anthropic", ""),
             "TRACETAPE_MODE": "replay", "TRACETAPE_REPLAY_URL": session["replay_base_url"],
+            "TRACETAPE_REPLAY_PATHS": json.dumps(session.get("upstream_paths", {})),
             "TRACETAPE_REPLAY_OF": run_rec.run_id, "TRACETAPE_REPLAY_MODE": args.mode,
             "TRACETAPE_REPLAY_FORCED": "1" if session.get("forced") else "0",
             "TRACETAPE_LINEAGE_DEPTH": str(run_rec.lineage_depth + 1),

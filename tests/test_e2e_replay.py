@@ -1,0 +1,61 @@
+"""Issue 3, acceptance 1, end to end: record the example agent (openai + anthropic, streaming and not, a
+decorated tool, a mutating tool, an MCP tool) through a real collector, then `tracetape replay RUN --
+python examples/agent.py` in exact mode: the same output, zero requests to the provider, zero tool bodies
+run, the replay run linked to the original, and `tracetape diff` of the two exiting 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import mcp_server
+from tests.support.stack import AGENT, RecordingStack, recording_stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingStack]:
+    with recording_stack(tmp_path_factory.mktemp("replay-e2e")) as s:
+        yield s
+
+
+def test_exact_replay_of_a_recorded_agent(stack: RecordingStack, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    recorded = stack.record("rec-1", AGENT_NOTES=str(notes))
+    assert recorded.returncode == 0, recorded.stderr
+    original = stack.wait_run("rec-1")
+    assert original.replayable and notes.read_text().count("\n") == 1
+
+    upstream_before = stack.standin.count
+    mcp_before = sum(mcp_server.calls.values())
+    replay = subprocess.run(
+        [sys.executable, "-m", "tracetape.cli", "replay", "rec-1", "--data", str(stack.data), "--json",
+         "--", sys.executable, str(AGENT)],
+        env=stack.env(AGENT_NOTES=str(notes), TRACETAPE_ENDPOINT=stack.endpoint),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert replay.returncode == 0, replay.stderr + replay.stdout
+    assert stack.standin.count == upstream_before  # nothing reached the provider
+    assert sum(mcp_server.calls.values()) == mcp_before  # the MCP tool did not run
+    assert notes.read_text().count("\n") == 1  # the mutating tool did not run
+    # with --json, stdout is the report alone; the agent's own output goes to stderr
+    agent_output = next(json.loads(line) for line in replay.stderr.splitlines() if line.startswith('{"anthropic'))
+    assert agent_output == json.loads(recorded.stdout)
+    report = json.loads(replay.stdout)
+    replay_run_id = report["replay_run_id"]
+    assert report["replay_of"] == "rec-1" and replay_run_id != "rec-1" and report["exit_code"] == 0
+
+    replayed = stack.wait_run(replay_run_id)
+    assert (replayed.replay_of, replayed.replay_mode, replayed.lineage_depth) == ("rec-1", "exact", 1)
+    assert replayed.status == "completed" and replayed.step_count == original.step_count
+
+    diff = subprocess.run(
+        [sys.executable, "-m", "tracetape.cli", "diff", "rec-1", replay_run_id, "--data", str(stack.data)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert diff.returncode == 0, diff.stdout + diff.stderr
