@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import json
 import os
@@ -414,12 +415,9 @@ def test_overloaded_writer_over_grpc_is_resource_exhausted_with_retry_info(tmp_p
 
 def test_a_full_store_answers_503_and_keeps_what_it_had(tmp_path: Path) -> None:
     async def scenario() -> None:
-        doc_conf = collector_config(tmp_path / "db")
-        store_conf = doc_conf.exporters["tracetape"]
-        import dataclasses
-
-        tiny = dataclasses.replace(store_conf, map_size=2 * 1024 * 1024)
-        conf = dataclasses.replace(doc_conf, exporters={**doc_conf.exporters, "tracetape": tiny})
+        base = collector_config(tmp_path / "db")
+        tiny = dataclasses.replace(base.store, map_size=2 * 1024 * 1024)  # the most the map may grow to
+        conf = dataclasses.replace(base, exporters={**base.exporters, "tracetape": tiny})
         async with running_collector(conf) as svc:
             small = agent_request(steps=1, run_id="run-small").SerializeToString()
             assert (await post(http_url(svc), small, PB))[0] == 200
@@ -535,7 +533,8 @@ def test_in_flight_requests_finish_when_the_service_stops(tmp_path: Path) -> Non
         await svc.start()
         url = http_url(svc)
         sends = [asyncio.create_task(post(url, body, PB)) for body in bodies]
-        await asyncio.sleep(0.05)
+        while not svc.writer.pending_bytes and not svc.writer.stats["requests"]:
+            await asyncio.sleep(0.001)  # until at least one request is being written
         await svc.stop()
         acknowledged = []
         for i, task in enumerate(sends):

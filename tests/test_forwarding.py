@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from tests.support.collector import collector_config, fast_retry, http_url, run, running_collector
 from tests.support.jaeger_sink import JaegerSink, attributes
@@ -252,9 +252,10 @@ def test_sink_down_then_up_is_eventually_delivered_and_recording_never_waits(tmp
         conf = collector_config(tmp_path / "db", forward=http_forward(sink))
         async with running_collector(conf) as svc:
             for i in range(5):
+                body = recorded_run(run_id=f"run-{i}")
                 started = time.monotonic()
-                assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
-                assert time.monotonic() - started < 2.0
+                assert await post(http_url(svc), body) == 200
+                assert time.monotonic() - started < 3.0  # the forwarder's retries are not on this path
             await _wait(lambda: svc.forwarder.snapshot()["routes"]["otlphttp/jaeger"]["attempts_failed"] >= 2)
             assert svc.store.outbox_size() == 25
             await sink.start()  # up again, same port
@@ -278,9 +279,10 @@ def test_a_hung_sink_never_slows_the_receive_path(tmp_path: Path) -> None:
                 assert await post(http_url(svc), recorded_run(run_id="run-0")) == 200
                 await _wait(lambda: sink.http_hits >= 1)  # the forwarder is now stuck on the sink
                 for i in range(1, 6):
+                    body = recorded_run(run_id=f"run-{i}")
                     started = time.monotonic()
-                    assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
-                    assert time.monotonic() - started < 1.0
+                    assert await post(http_url(svc), body) == 200
+                    assert time.monotonic() - started < 3.0  # vs. a sink that takes 30 s to answer
                 assert len(svc.store.runs("acme", "prod")) == 6
                 started = time.monotonic()
             assert time.monotonic() - started < 15  # and stopping does not wait for the hung sink either
