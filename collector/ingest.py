@@ -99,6 +99,19 @@ def _kv(key: str, value: Any) -> KeyValue:
     return kv
 
 
+def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str]) -> None:
+    """Set string attributes on `span` (replacing a different value, e.g. a tenant the receiver overrode)."""
+    for name, value in values.items():
+        if _str(attrs, name) == value:
+            continue
+        for kv in span.attributes:
+            if kv.key == name:
+                kv.value.string_value = value
+                break
+        else:
+            span.attributes.append(_kv(name, value))
+
+
 class _Preparer:
     def __init__(self, store: Store, tenant_override: str | None) -> None:
         self.store = store
@@ -138,6 +151,7 @@ class _Preparer:
         scope = keys.check_id(_str(attrs, c.SCOPE) or _str(resource, c.SCOPE) or keys.DEFAULT_SCOPE, "scope")
         run_id = keys.check_id(_str(attrs, c.RUN_ID) or keys.NO_RUN, "run id")
         kind = _str(attrs, c.SPAN_KIND)
+        _stamp(span, attrs, {c.TENANT: tenant, c.SCOPE: scope})  # the stored span says where it is stored
 
         refs, blobs = self.take_payloads(span, attrs, tenant, scope)
         write = SpanWrite(tenant=tenant, scope=scope, run_id=run_id, span_key=b"", stored_span=b"", blobs=blobs)

@@ -263,3 +263,14 @@ def test_runs_and_show_read_the_store(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["show", "nope", "--data", str(tmp_path / "db")]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
     assert main(["runs", "--data", str(tmp_path / "missing")]) == 2
+
+
+def test_an_overridden_tenant_is_what_the_stored_span_says(store: Store) -> None:
+    agent = Agent(tenant="claimed")
+    agent.step("00000000000000a1", 1_000, b"{}", RESPONSE)
+    store.apply([ingest.prepare(agent.request(), store, tenant="authenticated")])
+    assert store.steps("claimed", "prod", RUN) == []
+    (stored,) = store.spans("authenticated", "prod", RUN)
+    span = ingest.ResourceSpans.FromString(stored).scope_spans[0].spans[0]
+    attrs = {kv.key: ingest.value_of(kv.value) for kv in span.attributes}
+    assert (attrs[c.TENANT], attrs[c.SCOPE]) == ("authenticated", "prod")
