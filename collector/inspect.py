@@ -11,12 +11,12 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from tracetape.collector import records
+from tracetape.collector.config import DEFAULT_STORE_PATH
 from tracetape.collector.records import RunRecord, StepRecord
 from tracetape.collector.store import Store, StoreError
 from tracetape.errors import CliError
@@ -25,8 +25,8 @@ DATA_ENV = "TRACETAPE_DATA"
 
 
 def default_data_dir() -> str:
-    """`$TRACETAPE_DATA`, else `~/.local/share/tracetape` — the collector's default store path too."""
-    return os.environ.get(DATA_ENV) or str(Path.home() / ".local" / "share" / "tracetape")
+    """`$TRACETAPE_DATA`, else the collector's default store path (`.tracetape/data`)."""
+    return os.environ.get(DATA_ENV) or DEFAULT_STORE_PATH
 
 
 def open_store_readonly(path: str | None) -> Store:
@@ -39,7 +39,7 @@ def open_store_readonly(path: str | None) -> Store:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help=f"store directory (default: ${DATA_ENV} or ~/.local/share/tracetape)")
+    parser.add_argument("--data", help=f"store directory (default: ${DATA_ENV} or {DEFAULT_STORE_PATH})")
     parser.add_argument("--tenant", help="only this tenant")
     parser.add_argument("--scope", help="only this scope (with --tenant)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -58,6 +58,8 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
 def find_one_run(store: Store, run_id: str, tenant: str | None, scope: str | None) -> RunRecord:
     """The run with this id; CliError when there is none or the id is ambiguous across tenants/scopes."""
     found = store.find_run(run_id, tenant, scope)
+    if scope is not None and tenant is None:
+        found = [r for r in found if r.scope == scope]
     if not found:
         raise CliError(f"no run {run_id!r} in {store.path}")
     if len(found) > 1:
