@@ -176,11 +176,11 @@ class _Preparer:
         blobs: list[tuple[bytes, bytes | None]] = []
         if not any(name in attrs for name in c.PAYLOAD_ATTRIBUTES):
             return refs, blobs
-        kept: list[KeyValue] = []
-        for kv in span.attributes:
+        payload_indices: list[int] = []
+        for index, kv in enumerate(span.attributes):
             if kv.key not in c.PAYLOAD_ATTRIBUTES:
-                kept.append(kv)
                 continue
+            payload_indices.append(index)
             val = value_of(kv.value)
             if isinstance(val, str):
                 val = val.encode()
@@ -192,12 +192,11 @@ class _Preparer:
             self.blob_raw.setdefault(key, val)
             self.raw_by_digest.setdefault(digest, val)
             blobs.append((key, None))
-        new = [KeyValue(key=k.key, value=k.value) for k in kept]
+        for index in reversed(payload_indices):  # in place: the other attributes are not copied
+            del span.attributes[index]
         for name, ref in refs.items():
-            new.append(_kv(name + c.PAYLOAD_REF_SUFFIX, ref.digest.hex()))
-            new.append(_kv(name + c.PAYLOAD_SIZE_SUFFIX, ref.size))
-        del span.attributes[:]
-        span.attributes.extend(new)
+            span.attributes.append(_kv(name + c.PAYLOAD_REF_SUFFIX, ref.digest.hex()))
+            span.attributes.append(_kv(name + c.PAYLOAD_SIZE_SUFFIX, ref.size))
         return refs, blobs
 
     def compress_new_blobs(self) -> None:
