@@ -264,7 +264,8 @@ def detect_provider(host: str, headers: Iterable[tuple[str, str]]) -> str | None
     if "anthropic-version" in names or host.endswith("anthropic.com"):
         return "anthropic"
     ua = names.get("user-agent", "")
-    if host.endswith("openai.com") or ua.startswith("OpenAI/") or "openai-beta" in names:
+    # the SDK's user agent is its client class: OpenAI/…, AsyncOpenAI/…, AzureOpenAI/…
+    if host.endswith("openai.com") or "OpenAI/" in ua or "openai-beta" in names:
         return "openai"
     return None
 

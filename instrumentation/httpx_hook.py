@@ -1,4 +1,4 @@
-"""Record every request sent through httpx2 (openai 3.x, anthropic 2.x) and legacy httpx transports.
+"""Record provider-SDK traffic (openai 3.x, anthropic 2.x) through httpx2 and legacy httpx transports.
 
 `instrument()` wraps `HTTPTransport.handle_request` and `AsyncHTTPTransport.handle_async_request` of `httpx2`
 and, when importable, of `httpx`; `uninstrument()` restores the originals. Both are idempotent.
@@ -41,6 +41,13 @@ _PROVIDER_HOSTS = ("openai.com", "anthropic.com")
 
 def should_record(request: Any, http_hosts: frozenset[str]) -> bool:
     """Whether an httpx/httpx2 request is provider SDK traffic or goes to a configured host."""
+    try:
+        return _should_record(request, http_hosts)
+    except Exception:
+        return False
+
+
+def _should_record(request: Any, http_hosts: frozenset[str]) -> bool:
     headers = request.headers
     for name in _SDK_HEADERS:
         if name in headers:

@@ -176,10 +176,13 @@ def _wrapper(original: Any) -> Any:
         ctx = runtime.recording()
         if ctx is None or not host_recorded(str(request.url), ctx.http_hosts):
             return original(self, request, *args, **kwargs)
-        body, body_error = _request_body(request.body)
-        attempt = start_http_attempt(
-            method=str(request.method), url=str(request.url), headers=list(request.headers.items()), body=body
-        )
+        try:
+            body, body_error = _request_body(request.body)
+            attempt = start_http_attempt(
+                method=str(request.method), url=str(request.url), headers=list(request.headers.items()), body=body
+            )
+        except Exception:  # the recorder never breaks the call
+            attempt, body_error = None, None
         if attempt is None:
             return original(self, request, *args, **kwargs)
         if body_error:

@@ -114,20 +114,6 @@ def _drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, 
     return [(n, redaction.redact_text(v)) for n, v in pairs]
 
 
-def _detect_provider(host: str, headers: list[tuple[str, str]]) -> str | None:
-    """`contract.detect_provider`, plus the async/Azure OpenAI clients, whose user agent is their class name
-    (`AsyncOpenAI/Python 3.x`, `AzureOpenAI/Python 3.x`) and so does not start with `OpenAI/`.
-
-    TODO(contract): fold this into `contract.detect_provider` and drop it here.
-    """
-    provider = contract.detect_provider(host, headers)
-    if provider is None:
-        for name, value in headers:
-            if name == "user-agent" and "OpenAI/" in value:
-                return "openai"
-    return provider
-
-
 def _retry_count(headers: list[tuple[str, str]]) -> int:
     for name, value in headers:
         if name == RETRY_COUNT_HEADER:
@@ -328,7 +314,7 @@ def _start(
     envelope = contract.http_envelope(method, path, parts.query, kept, redacted, parsed_body=parsed)
     env_hash = contract.envelope_hash(envelope)
 
-    provider = _detect_provider(parts.hostname or "", kept)
+    provider = contract.detect_provider(parts.hostname or "", kept)
     kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
     model = parsed.get("model") if isinstance(parsed, dict) else None
     if not isinstance(model, str):

@@ -72,6 +72,7 @@ def test_provider_detection_and_span_names() -> None:
     assert contract.detect_provider("api.anthropic.com", []) == "anthropic"
     assert contract.detect_provider("127.0.0.1", [("anthropic-version", "2023-06-01")]) == "anthropic"
     assert contract.detect_provider("127.0.0.1", [("User-Agent", "OpenAI/Python 3.54.0")]) == "openai"
+    assert contract.detect_provider("127.0.0.1", [("User-Agent", "AsyncOpenAI/Python 3.54.0")]) == "openai"
     assert contract.detect_provider("example.com", []) is None
     assert contract.step_span_name(contract.STEP_KIND_MODEL, model="gpt-4o") == "chat gpt-4o"
     assert contract.step_span_name(contract.STEP_KIND_TOOL, tool="search") == "execute_tool search"
