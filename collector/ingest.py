@@ -13,10 +13,11 @@ span's, then the resource's, `tracetape.tenant`/`tracetape.scope`, defaulting to
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from tracetape.collector import genai, keys
@@ -86,17 +87,57 @@ def _headers(attrs: dict[str, AnyValue], name: str) -> list[tuple[str, str]]:
         raise Rejected(f"attribute {name} is not a JSON list of [name, value] pairs") from err
 
 
-def _kv(key: str, value: Any) -> KeyValue:
-    kv = KeyValue(key=key)
+def _set_value(target: AnyValue, value: Any) -> None:
     if isinstance(value, bool):
-        kv.value.bool_value = value
+        target.bool_value = value
     elif isinstance(value, int):
-        kv.value.int_value = value
+        target.int_value = value
     elif isinstance(value, list):
-        kv.value.array_value.values.extend(AnyValue(string_value=str(x)) for x in value)
+        target.array_value.values.extend(AnyValue(string_value=str(x)) for x in value)
     else:
-        kv.value.string_value = str(value)
-    return kv
+        target.string_value = str(value)
+
+
+def _add(span: Span, key: str, value: Any) -> None:
+    """Append attribute `key` = `value` to `span` (built in place, not copied in)."""
+    _set_value(span.attributes.add(key=key).value, value)
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: tag, varint length, payload."""
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _Envelope:
+    """The encoded ResourceSpans/ScopeSpans around one span: computed once per scope, reused per span.
+
+    A stored span is `ResourceSpans{resource, scope_spans: [ScopeSpans{scope, spans: [span], schema_url}],
+    schema_url}`; encoding it by hand around `span.SerializeToString()` gives the same bytes without
+    copying the resource, scope and span into new messages for every span.
+    """
+
+    def __init__(self, rs: ResourceSpans, ss: ScopeSpans) -> None:
+        self.resource = _field(1, rs.resource.SerializeToString()) if rs.HasField("resource") else b""
+        self.rs_tail = _field(3, rs.schema_url.encode()) if rs.schema_url else b""
+        self.scope = _field(1, ss.scope.SerializeToString()) if ss.HasField("scope") else b""
+        self.ss_tail = _field(3, ss.schema_url.encode()) if ss.schema_url else b""
+
+    def wrap(self, span: Span) -> bytes:
+        scope_spans = self.scope + _field(2, span.SerializeToString()) + self.ss_tail
+        return self.resource + _field(2, scope_spans) + self.rs_tail
 
 
 def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str]) -> None:
@@ -109,7 +150,7 @@ def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str]) -> No
                 kv.value.string_value = value
                 break
         else:
-            span.attributes.append(_kv(name, value))
+            _add(span, name, value)
 
 
 class _Preparer:
@@ -130,16 +171,17 @@ class _Preparer:
         for rs in request.resource_spans:
             resource = {kv.key: kv.value for kv in rs.resource.attributes}
             for ss in rs.scope_spans:
+                envelope = _Envelope(rs, ss)
                 for span in ss.spans:
                     try:
-                        self.span(rs, ss, span, resource)
+                        self.span(envelope, span, resource)
                     except (Rejected, keys.InvalidId) as err:
                         self.reject(index, str(err))
                     index += 1
         self.compress_new_blobs()
         return self.batch
 
-    def span(self, rs: ResourceSpans, ss: ScopeSpans, span: Span, resource: dict[str, AnyValue]) -> None:
+    def span(self, envelope: _Envelope, span: Span, resource: dict[str, AnyValue]) -> None:
         if len(span.trace_id) != 16 or not any(span.trace_id):
             raise Rejected("invalid trace_id (16 non-zero bytes)")
         if len(span.span_id) != 8 or not any(span.span_id):
@@ -162,10 +204,7 @@ class _Preparer:
                 write.run_event = self.run_event(span, attrs, resource, kind)
                 write.forward = kind == c.SPAN_KIND_RUN  # the zero-length start marker is not worth a trace line
         write.span_key = keys.span_key(tenant, scope, run_id, bytes(span.trace_id), bytes(span.span_id))
-        write.stored_span = ResourceSpans(
-            resource=rs.resource, schema_url=rs.schema_url,
-            scope_spans=[ScopeSpans(scope=ss.scope, schema_url=ss.schema_url, spans=[span])],
-        ).SerializeToString()
+        write.stored_span = envelope.wrap(span)
         self.batch.spans.append(write)
 
     def take_payloads(
@@ -195,8 +234,8 @@ class _Preparer:
         for index in reversed(payload_indices):  # in place: the other attributes are not copied
             del span.attributes[index]
         for name, ref in refs.items():
-            span.attributes.append(_kv(name + c.PAYLOAD_REF_SUFFIX, ref.digest.hex()))
-            span.attributes.append(_kv(name + c.PAYLOAD_SIZE_SUFFIX, ref.size))
+            _add(span, name + c.PAYLOAD_REF_SUFFIX, ref.digest.hex())
+            _add(span, name + c.PAYLOAD_SIZE_SUFFIX, ref.size)
         return refs, blobs
 
     def compress_new_blobs(self) -> None:
@@ -213,10 +252,10 @@ class _Preparer:
         tenant: str, scope: str, run_id: str,
     ) -> StepWrite:
         step_id = _str(attrs, c.STEP_ID)
-        if len(step_id) != 16 or any(ch not in "0123456789abcdef" for ch in step_id):
+        if _HEX16.fullmatch(step_id) is None:
             raise Rejected(f"{c.STEP_ID} must be 16 lower-case hex characters")
         envelope_hash = _str(attrs, c.ENVELOPE_HASH)
-        if len(envelope_hash) != 64 or any(ch not in "0123456789abcdef" for ch in envelope_hash):
+        if _HEX64.fullmatch(envelope_hash) is None:
             raise Rejected(f"{c.ENVELOPE_HASH} must be a sha256 hex digest")
         step_kind = _str(attrs, c.STEP_KIND, c.STEP_KIND_HTTP)
         if step_kind not in c.STEP_KINDS:
@@ -280,7 +319,9 @@ class _Preparer:
             c.GEN_AI_USAGE_INPUT_TOKENS: info.input_tokens,
             c.GEN_AI_USAGE_OUTPUT_TOKENS: info.output_tokens,
         }
-        span.attributes.extend(_kv(k, v) for k, v in extra.items() if v is not None and k not in attrs)
+        for k, v in extra.items():
+            if v is not None and k not in attrs:
+                _add(span, k, v)
 
     def run_event(
         self, span: Span, attrs: dict[str, AnyValue], resource: dict[str, AnyValue], kind: str

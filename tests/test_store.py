@@ -274,3 +274,19 @@ def test_an_overridden_tenant_is_what_the_stored_span_says(store: Store) -> None
     span = ingest.ResourceSpans.FromString(stored).scope_spans[0].spans[0]
     attrs = {kv.key: ingest.value_of(kv.value) for kv in span.attributes}
     assert (attrs[c.TENANT], attrs[c.SCOPE]) == ("authenticated", "prod")
+
+
+def test_stored_span_encoding_equals_protobufs_own(store: Store) -> None:
+    """The hand-built ResourceSpans wrapper around each stored span is byte-identical to protobuf's."""
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', RESPONSE)
+    req = agent.request()
+    req.resource_spans[0].schema_url = "https://opentelemetry.io/schemas/1.30.0"
+    req.resource_spans[0].scope_spans[0].schema_url = "https://example.com/scope"
+    batch = ingest.prepare(req, store)  # mutates req's span in place (payloads -> refs)
+    rs, ss = req.resource_spans[0], req.resource_spans[0].scope_spans[0]
+    expected = ingest.ResourceSpans(
+        resource=rs.resource, schema_url=rs.schema_url,
+        scope_spans=[ingest.ScopeSpans(scope=ss.scope, schema_url=ss.schema_url, spans=[ss.spans[0]])],
+    ).SerializeToString()
+    assert batch.spans[0].stored_span == expected
