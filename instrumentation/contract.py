@@ -275,6 +275,18 @@ def is_model_path(path: str) -> bool:
     return path.endswith(MODEL_PATH_SUFFIXES)
 
 
+def genai_request_attributes(kind: str, provider: str | None, model: str | None) -> dict[str, str]:
+    """The GenAI attributes an HTTP attempt carries from its request alone."""
+    attrs: dict[str, str] = {}
+    if provider:
+        attrs[GEN_AI_PROVIDER_NAME] = provider
+    if kind == STEP_KIND_MODEL:
+        attrs[GEN_AI_OPERATION_NAME] = "chat"
+    if model:
+        attrs[GEN_AI_REQUEST_MODEL] = model
+    return attrs
+
+
 def step_span_name(kind: str, *, model: str | None = None, tool: str | None = None,
                    method: str = "", path: str = "") -> str:
     """The span name the GenAI conventions give a step: `chat {model}`, `execute_tool {name}`, `{METHOD} {path}`."""

@@ -346,12 +346,7 @@ def _start(
         contract.REQUEST_HEADERS: contract.encode_headers(kept),
         contract.REQUEST_BODY: redacted,
     }
-    if provider:
-        attrs[contract.GEN_AI_PROVIDER_NAME] = provider
-    if kind == contract.STEP_KIND_MODEL:
-        attrs[contract.GEN_AI_OPERATION_NAME] = "chat"
-    if model:
-        attrs[contract.GEN_AI_REQUEST_MODEL] = model
+    attrs.update(contract.genai_request_attributes(kind, provider, model))
 
     if kind == contract.STEP_KIND_MODEL and not _inside_anthropic_call_span():
         name = contract.step_span_name(kind, model=model)

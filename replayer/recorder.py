@@ -178,12 +178,7 @@ class SessionRecorder:
             if streamed:
                 attrs[contract.RESPONSE_CHUNK_ENDS] = list(outcome.chunk_ends)
                 attrs[contract.RESPONSE_CHUNK_TIMES_US] = list(outcome.chunk_times_us)
-        if provider:
-            attrs[contract.GEN_AI_PROVIDER_NAME] = provider
-        if kind == contract.STEP_KIND_MODEL:
-            attrs[contract.GEN_AI_OPERATION_NAME] = "chat"
-        if model:
-            attrs[contract.GEN_AI_REQUEST_MODEL] = model
+        attrs.update(contract.genai_request_attributes(kind, provider, model))
         if outcome.error_type:
             attrs[contract.ERROR_TYPE] = outcome.error_type
             attrs[contract.ERROR_MESSAGE] = outcome.error_message

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from urllib.parse import urlsplit
 from collections.abc import Callable, Iterator
 
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp.types import ToolAnnotations
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.support.mcp_server import serve_mcp
 from tracetape.instrumentation import contract, mcp_hook, provider, runtime
 from tracetape.instrumentation.config import RecorderConfig
 
@@ -32,51 +27,11 @@ Spans = Callable[[], list[ReadableSpan]]
 SERVER_CALLS: list[str] = []
 
 
-def _server() -> MCPServer:
-    server = MCPServer("tracetape-test-tools")
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
-    def add(a: int, b: int) -> int:
-        return a + b
-
-    @server.tool()
-    def store(key: str, value: str) -> str:
-        SERVER_CALLS.append(key)
-        return f"stored {key}"
-
-    @server.tool()
-    def explode(reason: str) -> str:
-        raise ValueError(reason)
-
-    @server.tool()
-    async def slow(seconds: float) -> str:
-        await asyncio.sleep(seconds)
-        return "late"
-
-    return server
-
-
 @pytest.fixture(scope="module")
 def mcp_url() -> Iterator[str]:
-    """The server's streamable HTTP endpoint, served by uvicorn in a thread on 127.0.0.1."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    port = sock.getsockname()[1]
-    app = _server().streamable_http_app(host="127.0.0.1")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "MCP server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    """The test tools' streamable HTTP endpoint, served by uvicorn in a thread on 127.0.0.1."""
+    with serve_mcp() as url:
+        yield url
 
 
 @pytest.fixture
