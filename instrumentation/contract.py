@@ -127,6 +127,25 @@ PAYLOAD_REF_SUFFIX = ".ref"
 PAYLOAD_PREVIEW_SUFFIX = ".preview"
 PAYLOAD_SIZE_SUFFIX = ".size"
 
+# --- replay lineage -----------------------------------------------------------------------------------------
+REPLAYED_FROM_HEADER = "x-tracetape-replayed-from"
+"""Response header the replayer adds to an answer served from the tape: `{trace_id hex}-{span_id hex}` of the
+recorded attempt. A recorder turns it into a span link (`LINK_KIND` = `replay_of`) and does not record it."""
+LINK_KIND = "tracetape.link"
+LINK_REPLAY_OF = "replay_of"
+
+
+def parse_replayed_from(value: str) -> tuple[int, int] | None:
+    """(trace id, span id) from a `REPLAYED_FROM_HEADER` value, or None when malformed."""
+    trace_hex, _, span_hex = value.strip().partition("-")
+    if len(trace_hex) != 32 or len(span_hex) != 16:
+        return None
+    try:
+        return int(trace_hex, 16), int(span_hex, 16)
+    except ValueError:
+        return None
+
+
 # --- GenAI semantic conventions (the subset we set) ---------------------------------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "chat" | "execute_tool" | "invoke_agent" | ...
 GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"  # "openai" | "anthropic"

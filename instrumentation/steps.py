@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from tracetape.instrumentation import contract, redaction, runtime
 
@@ -186,6 +186,7 @@ class HttpAttempt:
         """The response head: status, headers (credentials dropped) and the body's content encoding."""
         try:
             kept = _drop_secret_headers(headers)
+            kept = self._link_replayed_from(kept)
             content_type = ""
             for name, value in kept:
                 if name == "content-type":
@@ -204,6 +205,18 @@ class HttpAttempt:
             }
         except Exception as exc:  # the recorder never breaks the call
             self.recording_error(exc)
+
+    def _link_replayed_from(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Link this attempt to the recorded attempt a replayer served it from; the headers without that header."""
+        rest = [(n, v) for n, v in headers if n != contract.REPLAYED_FROM_HEADER]
+        if len(rest) == len(headers):
+            return headers
+        ids = contract.parse_replayed_from(next(v for n, v in headers if n == contract.REPLAYED_FROM_HEADER))
+        if ids is not None:
+            original = SpanContext(trace_id=ids[0], span_id=ids[1], is_remote=True,
+                                   trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            self.span.add_link(original, {contract.LINK_KIND: contract.LINK_REPLAY_OF})
+        return rest
 
     def chunk(self, data: bytes) -> None:
         """One chunk of the response body as read from the wire (hot path: no work beyond two appends)."""

@@ -99,6 +99,7 @@ async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: byte
     headers = response_headers(attempt.response_headers)
     outcome = Outcome(attempt.status, list(headers.items()), body, started_ns=started_ns,
                       end_reason=attempt.end_reason or contract.END_EXHAUSTED)
+    headers[contract.REPLAYED_FROM_HEADER] = f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"  # lineage only
     if not (attempt.streamed and attempt.chunk_ends) and not broken:
         if pace:
             await _sleep_until(t0, attempt.duration_ms / 1000 * pace)

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
+
 from tests.support import mcp_server
 from tests.support.stack import AGENT, RecordingStack, recording_stack
+from tracetape.instrumentation import contract
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,21 @@ def test_exact_replay_of_a_recorded_agent(stack: RecordingStack, tmp_path: Path)
     replayed = stack.wait_run(replay_run_id)
     assert (replayed.replay_of, replayed.replay_mode, replayed.lineage_depth) == ("rec-1", "exact", 1)
     assert replayed.status == "completed" and replayed.step_count == original.step_count
+
+    # every replayed model attempt links to the recorded attempt it was served from
+    store = stack.store()
+    try:
+        originals = {(a.trace_id, a.span_id) for st in store.steps("default", "default", "rec-1")
+                     if st.kind == "model" for a in st.attempts}
+        replay_spans = [ResourceSpans.FromString(b).scope_spans[0].spans[0]
+                        for b in store.spans("default", "default", replay_run_id)]
+        replayed_models = [st for st in store.steps("default", "default", replay_run_id) if st.kind == "model"]
+    finally:
+        store.close()
+    linked = {(bytes(link.trace_id), bytes(link.span_id)) for span in replay_spans for link in span.links}
+    assert len(replayed_models) == len(originals) and linked == originals
+    assert all(not any(n == contract.REPLAYED_FROM_HEADER for n, _ in a.response_headers)
+               for st in replayed_models for a in st.attempts)
 
     diff = subprocess.run(
         [sys.executable, "-m", "tracetape.cli", "diff", "rec-1", replay_run_id, "--data", str(stack.data)],
