@@ -120,6 +120,6 @@ def read_response(body: bytes, content_encoding: str = "", streamed: bool = Fals
     for payload in payloads:
         try:
             _absorb(info, _decode(payload))
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            continue
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            continue  # not JSON we can read (or nested past the decoder's depth): no facts, never an error
     return info

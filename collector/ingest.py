@@ -7,7 +7,8 @@ GenAI facts out of the response, and turns the span's tracetape attributes into 
 event. A span that cannot be stored is rejected with a reason (OTLP `partial_success`); the others go on.
 
 Tenant and scope come from the receiver (an authenticated key, when keys are configured) or else from the
-span's, then the resource's, `tracetape.tenant`/`tracetape.scope`, defaulting to `default`.
+span's, then the resource's, `tracetape.tenant`/`tracetape.scope`, defaulting to `default`. When the key is
+limited to some scopes (`scopes`), a span in any other scope is rejected.
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ def _str(attrs: dict[str, AnyValue], name: str, default: str = "") -> str:
     return default if val is None else str(val)
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_RANGES: dict[str, tuple[int, int]] = {
+    c.STEP_STARTED_NS: (0, (1 << 64) - 1),  # 8 bytes of the step key
+    c.STEP_ATTEMPT: (0, 0xFFFF),  # 2 bytes of the envelope key
+    c.STEP_INDEX: (0, _INT64[1]),
+    c.RESPONSE_STATUS: (0, 999),
+    c.RESPONSE_BYTES_READ: (0, _INT64[1]),
+    c.RUN_EXIT_CODE: (-(1 << 31), (1 << 31) - 1),
+    c.RUN_LINEAGE_DEPTH: (0, (1 << 31) - 1),
+}
+"""The values an integer attribute may take; others must fit in int64. Checked here, so that nothing that
+reaches the write transaction can fail it (one bad span must never fail the other requests of a commit)."""
+
+
 def _int(attrs: dict[str, AnyValue], name: str, default: int | None = None) -> int | None:
     v = attrs.get(name)
     if v is None:
@@ -62,9 +77,13 @@ def _int(attrs: dict[str, AnyValue], name: str, default: int | None = None) -> i
     if isinstance(val, bool) or not isinstance(val, (int, str)):
         raise Rejected(f"attribute {name} must be an integer")
     try:
-        return int(val)
+        number = int(val) if isinstance(val, int) or len(val) <= 20 else None
     except ValueError as err:
         raise Rejected(f"attribute {name} must be an integer") from err
+    lo, hi = _RANGES.get(name, _INT64)
+    if number is None or not lo <= number <= hi:
+        raise Rejected(f"attribute {name} must be an integer from {lo} to {hi}")
+    return number
 
 
 def _int_list(attrs: dict[str, AnyValue], name: str) -> list[int]:
@@ -72,8 +91,11 @@ def _int_list(attrs: dict[str, AnyValue], name: str) -> list[int]:
     if v is None:
         return []
     val = value_of(v)
-    if not isinstance(val, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in val):
-        raise Rejected(f"attribute {name} must be an integer array")
+    lo, hi = _INT64
+    if not isinstance(val, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in val
+    ):
+        raise Rejected(f"attribute {name} must be an array of int64")
     return val
 
 
@@ -154,9 +176,10 @@ def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str]) -> No
 
 
 class _Preparer:
-    def __init__(self, store: Store, tenant_override: str | None) -> None:
+    def __init__(self, store: Store, tenant_override: str | None, scopes: frozenset[str] | None = None) -> None:
         self.store = store
         self.tenant_override = tenant_override
+        self.scopes = scopes
         self.batch = Batch()
         self.blob_raw: dict[bytes, bytes] = {}  # blob key -> raw payload
         self.raw_by_digest: dict[bytes, bytes] = {}
@@ -191,6 +214,8 @@ class _Preparer:
             self.tenant_override or _str(attrs, c.TENANT) or _str(resource, c.TENANT) or keys.DEFAULT_TENANT, "tenant"
         )
         scope = keys.check_id(_str(attrs, c.SCOPE) or _str(resource, c.SCOPE) or keys.DEFAULT_SCOPE, "scope")
+        if self.scopes is not None and scope not in self.scopes:
+            raise Rejected(f"scope {scope!r} is not one this API key may write")
         run_id = keys.check_id(_str(attrs, c.RUN_ID) or keys.NO_RUN, "run id")
         kind = _str(attrs, c.SPAN_KIND)
         _stamp(span, attrs, {c.TENANT: tenant, c.SCOPE: scope})  # the stored span says where it is stored
@@ -349,6 +374,10 @@ class _Preparer:
         )
 
 
-def prepare(request: ExportTraceServiceRequest, store: Store, tenant: str | None = None) -> Batch:
-    """The batch to write for `request` (mutated: payload attributes are moved out of its spans)."""
-    return _Preparer(store, tenant).run(request)
+def prepare(
+    request: ExportTraceServiceRequest, store: Store, tenant: str | None = None, scopes: frozenset[str] | None = None
+) -> Batch:
+    """The batch to write for `request` (mutated: payload attributes are moved out of its spans).
+
+    `tenant` overrides what the spans claim; `scopes` (None = any) are the only scopes accepted."""
+    return _Preparer(store, tenant, scopes).run(request)

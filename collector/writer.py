@@ -44,6 +44,10 @@ class StoreUnavailable(Exception):
         self.message = message
 
 
+class IngestFailed(Exception):
+    """Writing this request failed for a reason that retrying will not change (a bug): nothing was written."""
+
+
 @dataclass
 class IngestResult:
     accepted: int
@@ -90,9 +94,17 @@ class StoreWriter:
         return self._pending
 
     async def submit(
-        self, request: ExportTraceServiceRequest, *, tenant: str | None = None, size: int | None = None
+        self,
+        request: ExportTraceServiceRequest,
+        *,
+        tenant: str | None = None,
+        size: int | None = None,
+        scopes: frozenset[str] | None = None,
     ) -> IngestResult:
-        """Store `request`'s spans; returns after the commit. `size` is the request's encoded size if known."""
+        """Store `request`'s spans; returns after the commit. `size` is the request's encoded size if known.
+
+        `tenant` (an authenticated key's) overrides the tenant the spans claim; with `scopes`, spans in
+        other scopes are rejected (`partial_success`)."""
         if self._closed or self._thread is None:
             raise StoreUnavailable(1.0, "the collector is shutting down")
         nbytes = size if size is not None else request.ByteSize()
@@ -103,7 +115,7 @@ class StoreWriter:
             self._pending += nbytes
         try:
             loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self._prepare_pool, ingest.prepare, request, self.store, tenant)
+            batch = await loop.run_in_executor(self._prepare_pool, ingest.prepare, request, self.store, tenant, scopes)
             fut: asyncio.Future[BatchResult] = loop.create_future()
             self._queue.put((batch, loop, fut))
             result = await asyncio.shield(fut)
@@ -150,10 +162,14 @@ class StoreWriter:
             for _, loop, fut in group:
                 loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(30.0, str(err)))
             return
-        except Exception as err:  # a bug: fail these requests, keep the writer alive
+        except Exception:  # a bug: isolate the request that causes it, keep the writer and the others alive
+            if len(group) > 1:
+                for item in group:
+                    self._commit([item])
+                return
             log.exception("store write failed")
-            for _, loop, fut in group:
-                loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(5.0, f"store write failed: {type(err).__name__}"))
+            _, loop, fut = group[0]
+            loop.call_soon_threadsafe(_fail, fut, IngestFailed("the store could not write this request"))
             return
         for (_, loop, fut), result in zip(group, results):
             loop.call_soon_threadsafe(_succeed, fut, result)

@@ -290,3 +290,30 @@ def test_stored_span_encoding_equals_protobufs_own(store: Store) -> None:
         scope_spans=[ingest.ScopeSpans(scope=ss.scope, schema_url=ss.schema_url, spans=[ss.spans[0]])],
     ).SerializeToString()
     assert batch.spans[0].stored_span == expected
+
+
+def test_a_request_that_breaks_the_write_fails_alone(store: Store) -> None:
+    """A batch the store cannot write (here: a step id no key can hold) must not fail its commit group."""
+    from tracetape.collector.store import Batch, SpanWrite, StepWrite
+    from tracetape.collector.writer import IngestFailed
+
+    good = Agent()
+    good.step("00000000000000a1", 1_000, b'{"ok":1}', RESPONSE)
+    good_batch = ingest.prepare(good.request(), store)
+    bad_batch = ingest.prepare(Agent(run_id="run-bad").request(), store)
+    header = records.StepRecord(step_id="zz", started_ns=1, kind="model", name="x", envelope_hash="00" * 32)
+    attempt = records.AttemptRecord(attempt=0, trace_id=b"\x01" * 16, span_id=b"\x01" * 8, started_ns=1,
+                                    ended_ns=2, envelope_hash="00" * 32)
+    bad_batch = Batch(spans=[SpanWrite("acme", "prod", "run-bad", b"acme\x00prod\x00run-bad\x00" + b"\x01" * 24,
+                                       b"", step=StepWrite("acme", "prod", "run-bad", header, attempt))])
+
+    async def scenario() -> list[object]:
+        writer = StoreWriter(store)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future(), loop.create_future()]
+        writer._commit([(bad_batch, loop, futures[0]), (good_batch, loop, futures[1])])
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    bad, ok = asyncio.run(scenario())
+    assert isinstance(bad, IngestFailed) and ok.accepted == 1
+    assert len(store.steps("acme", "prod", RUN)) == 1 and store.run("acme", "prod", "run-bad") is None
