@@ -255,11 +255,20 @@ class Store:
 
     def apply(self, batches: Sequence[Batch]) -> list[BatchResult]:
         """Write every batch in one transaction; per batch, how many spans were new and how many repeats."""
-        return self._write(lambda txn: [self._apply_batch(txn, b) for b in batches])
 
-    def _apply_batch(self, txn: lmdb.Transaction, batch: Batch) -> BatchResult:
+        def body(txn: lmdb.Transaction) -> list[BatchResult]:
+            runs: dict[bytes, RunRecord] = {}  # each touched run read and written once per commit
+            results = [self._apply_batch(txn, b, runs) for b in batches]
+            for key, run in runs.items():
+                run.replayable, run.reason = records.verdict(run)
+                txn.put(key, records.encode(run), db=self._dbs["runs"])
+            return results
+
+        return self._write(body)
+
+    def _apply_batch(self, txn: lmdb.Transaction, batch: Batch, runs: dict[bytes, RunRecord]) -> BatchResult:
         result = BatchResult()
-        spans_db = self._dbs["spans"]
+        spans_db, blobs_db, outbox_db = self._dbs["spans"], self._dbs["blobs"], self._dbs["outbox"]
         for span in batch.spans:
             if not txn.put(span.span_key, span.stored_span, db=spans_db, overwrite=False):
                 result.duplicates += 1
@@ -267,19 +276,20 @@ class Store:
             result.accepted += 1
             for key, stored in span.blobs:
                 if stored is not None:
-                    txn.put(key, stored, db=self._dbs["blobs"], overwrite=False)
-            run = self._load_run(txn, span.tenant, span.scope, span.run_id) if span.run_id != keys.NO_RUN else None
-            if run is not None:
+                    txn.put(key, stored, db=blobs_db, overwrite=False)
+            if span.run_id != keys.NO_RUN:
+                run_key = keys.run_key(span.tenant, span.scope, span.run_id)
+                run = runs.get(run_key)
+                if run is None:
+                    run = runs[run_key] = self._load_run(txn, span.tenant, span.scope, span.run_id)
                 run.span_count += 1
                 if span.step is not None:
                     self._merge_step(txn, span.step, run)
                 if span.run_event is not None:
                     _apply_run_event(run, span.run_event)
-                run.replayable, run.reason = records.verdict(run)
-                txn.put(keys.run_key(run.tenant, run.scope, run.run_id), records.encode(run), db=self._dbs["runs"])
             if span.forward:
                 self._outbox_seq += 1
-                txn.put(keys.outbox_key(self._outbox_seq), span.span_key, db=self._dbs["outbox"])
+                txn.put(keys.outbox_key(self._outbox_seq), span.span_key, db=outbox_db)
         return result
 
     def _load_run(self, txn: lmdb.Transaction, tenant: str, scope: str, run_id: str) -> RunRecord:
@@ -471,6 +481,33 @@ class Store:
                     if not key.startswith(prefix):
                         break
                     out.append(value)
+        return out
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        """The stored value under `key` in `table` (blobs in their stored form), or None."""
+        with self._read() as txn:
+            return txn.get(key, db=self._dbs[table])
+
+    def scan(
+        self, table: str, prefix: bytes, *, values: bool = True, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """(key, value) pairs of `table` whose key starts with `prefix`, in key order (values b"" when
+        `values` is False); at most `limit` pairs. One read transaction."""
+        out: list[tuple[bytes, bytes]] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs[table])
+            if not cur.set_range(prefix):
+                return out
+            pairs = (cur.iternext(keys=True, values=True) if values
+                     else ((k, b"") for k in cur.iternext(keys=True, values=False)))
+            for key, value in pairs:
+                if not key.startswith(prefix):
+                    break
+                out.append((key, value))
+                if limit is not None and len(out) >= limit:
+                    break
         return out
 
     def stats(self) -> dict[str, int]:
