@@ -19,8 +19,12 @@ Shape (every section optional; `default_config()` is what an absent file means):
       tracetape: {path: .tracetape/data, map_size: 8GiB, max_pending_bytes: 256MiB}   # the LMDB store
       otlphttp/jaeger: {endpoint: "http://127.0.0.1:14318", timeout: 10s, headers: {}, compression: gzip}
       otlp/jaeger: {endpoint: "127.0.0.1:14317", tls: {insecure: true}}               # gRPC
-    extensions: {}
+    extensions:                          # optional: API keys (see collector/auth.py); off unless listed below
+      tracetape_auth: {keys: [{sha256: <hex>, tenant: acme, scopes: [prod]}], keys_file: keys.yaml}
+                                         # (keys_file relative to the working directory, read at load)
     service:
+      extensions: [tracetape_auth]       # turns it on; every storing receiver's protocols must then say
+                                         # auth: {authenticator: tracetape_auth}
       pipelines:
         traces:        {receivers: [otlp], exporters: [tracetape]}
         traces/jaeger: {receivers: [otlp], processors: [tracetape_slim], exporters: [otlphttp/jaeger]}
@@ -35,6 +39,10 @@ Semantics that differ from the OpenTelemetry Collector, on purpose:
   `tracetape_slim` (the default cap applies when none is listed).
 - A protocol present under `protocols:` (even empty) is enabled; an absent one is not. An `otlp`
   receiver without `protocols:` enables both.
+- API keys (`tracetape_auth`) are all or nothing: once the extension is listed in `service.extensions`,
+  every protocol of every storing receiver must name it (`auth: {authenticator: tracetape_auth}`), so no
+  port accepts unauthenticated spans; defining it without listing it, or naming it from a receiver
+  without listing it, is an error too (never a silently open collector). At most one is enabled.
 
 Values: sizes are integers (bytes) or strings such as `64MiB`, `1GiB`, `500MB`; durations are numbers
 (seconds) or Go-style strings (`500ms`, `10s`, `1m30s`). Scalars may use `${env:VAR}`, `${env:VAR:-default}`
@@ -52,6 +60,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tracetape.collector import auth as auth_ext
 from tracetape.errors import CliError
 
 DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
@@ -74,7 +83,7 @@ OTLP_HTTP_EXPORTER_TYPES = ("otlphttp", "otlp_http")
 RECEIVER_TYPES = (OTLP_RECEIVER_TYPE,)
 PROCESSOR_TYPES = (SLIM_TYPE,)
 EXPORTER_TYPES = (STORE_TYPE, *OTLP_GRPC_EXPORTER_TYPES, *OTLP_HTTP_EXPORTER_TYPES)
-EXTENSION_TYPES: tuple[str, ...] = ()
+EXTENSION_TYPES: tuple[str, ...] = (auth_ext.EXTENSION_TYPE,)
 SIGNALS = ("traces",)
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
@@ -92,6 +101,8 @@ class GrpcProtocol:
 
     endpoint: str = DEFAULT_GRPC_ENDPOINT
     max_recv_msg_size_mib: int = DEFAULT_MAX_RECV_MSG_SIZE_MIB
+    authenticator: str | None = None
+    """`auth.authenticator`: the id of the `tracetape_auth` extension checking API keys, if any."""
 
     @property
     def host(self) -> str:
@@ -113,6 +124,8 @@ class HttpProtocol:
 
     endpoint: str = DEFAULT_HTTP_ENDPOINT
     max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
+    authenticator: str | None = None
+    """`auth.authenticator`: the id of the `tracetape_auth` extension checking API keys, if any."""
 
     @property
     def host(self) -> str:
@@ -219,6 +232,12 @@ class CollectorConfig:
     log_level: str = "info"
     source: str | None = None
     """The file this came from (None for the built-in defaults)."""
+    auth: auth_ext.AuthExtension | None = None
+    """The enabled `tracetape_auth` extension (API keys), or None: no keys, loopback is the protection."""
+
+    @property
+    def authenticator(self) -> auth_ext.Authenticator | None:
+        return self.auth.authenticator if self.auth is not None else None
 
     @property
     def store(self) -> StoreExporter:
@@ -275,11 +294,12 @@ class CollectorConfig:
         receivers = dict(self.receivers)
         for index, rec in enumerate(self.storing_receivers):
             grpc, http = rec.grpc, rec.http
+            guard = self.auth.id if self.auth is not None else None  # a protocol the CLI adds is keyed too
             if index == 0 and grpc_port is not None:
-                grpc = grpc or GrpcProtocol()
+                grpc = grpc or GrpcProtocol(authenticator=guard)
                 grpc = dataclasses.replace(grpc, endpoint=join_endpoint(grpc.host, grpc_port))
             if index == 0 and http_port is not None:
-                http = http or HttpProtocol()
+                http = http or HttpProtocol(authenticator=guard)
                 http = dataclasses.replace(http, endpoint=join_endpoint(http.host, http_port))
             if host is not None:
                 if grpc is not None:
@@ -346,18 +366,20 @@ def parse(
     exporters = {
         cid: _parse_exporter(cid, body) for cid, body in _components(root, "exporters", EXPORTER_TYPES)
     }
-    for _cid, _body in _components(root, "extensions", EXTENSION_TYPES):
-        pass  # no extension types exist; `_components` has already rejected any
+    extensions = dict(_components(root, "extensions", EXTENSION_TYPES))  # only tracetape_auth exists
     for _cid, _body in _components(root, "connectors", ()):
         pass
 
     service = _mapping(root.get("service"), "service")
     _check_keys(service, ("extensions", "pipelines", "telemetry"), "service")
-    for i, ext in enumerate(_string_list(service.get("extensions"), "service.extensions")):
-        raise ConfigError(f"service.extensions[{i}]: extension {ext!r} is not defined under extensions:")
+    enabled = _string_list(service.get("extensions"), "service.extensions")
+    for i, ext in enumerate(enabled):
+        if ext not in extensions:
+            hint = _did_you_mean(ext, extensions)
+            raise ConfigError(f"service.extensions[{i}]: extension {ext!r} is not defined under extensions:{hint}")
     log_level = _parse_telemetry(service.get("telemetry"))
     pipelines = _parse_pipelines(service.get("pipelines"), receivers, processors, exporters)
-    return CollectorConfig(
+    config = CollectorConfig(
         receivers=receivers,
         processors=processors,
         exporters=exporters,
@@ -365,6 +387,40 @@ def parse(
         log_level=log_level,
         source=source,
     )
+    return dataclasses.replace(config, auth=_parse_auth(extensions, enabled, config))
+
+
+def _parse_auth(
+    extensions: Mapping[str, Any], enabled: Sequence[str], config: CollectorConfig
+) -> auth_ext.AuthExtension | None:
+    """The enabled `tracetape_auth` extension, after checking every storing protocol uses it (module doc)."""
+    for cid in extensions:
+        if cid not in enabled:
+            raise ConfigError(f"extensions.{cid}: defined but not enabled; list it in service.extensions "
+                              f"(API keys are then required on every receiver) or remove it")
+    if len(set(enabled)) != len(enabled):
+        raise ConfigError("service.extensions: listed more than once")
+    if len(enabled) > 1:
+        raise ConfigError(f"service.extensions: at most one {auth_ext.EXTENSION_TYPE} extension, got {list(enabled)}")
+    ext_id = enabled[0] if enabled else None
+    for receiver in config.storing_receivers:
+        for name, proto in (("grpc", receiver.grpc), ("http", receiver.http)):
+            if proto is None:
+                continue
+            where = f"receivers.{receiver.id}.protocols.{name}"
+            if proto.authenticator is not None and proto.authenticator != ext_id:
+                hint = "; list it in service.extensions" if proto.authenticator in extensions else ""
+                raise ConfigError(f"{where}.auth.authenticator: {proto.authenticator!r} is not an enabled "
+                                  f"{auth_ext.EXTENSION_TYPE} extension{hint}")
+            if ext_id is not None and proto.authenticator is None:
+                raise ConfigError(f"{where}: {ext_id} is enabled, so this protocol needs auth: {{authenticator: "
+                                  f"{ext_id}}} (without it, it would accept spans without an API key)")
+    if ext_id is None:
+        return None
+    try:
+        return auth_ext.parse_extension(ext_id, extensions[ext_id])
+    except auth_ext.KeysError as err:
+        raise ConfigError(str(err)) from None
 
 
 # --- components -----------------------------------------------------------------------------------------
@@ -406,18 +462,30 @@ def _parse_receiver(cid: str, body: Any) -> OtlpReceiver:
     if "grpc" in protocols:
         p = f"{path}.protocols.grpc"
         g = _mapping(protocols["grpc"], p)
-        _check_keys(g, ("endpoint", "max_recv_msg_size_mib"), p)
+        _check_keys(g, ("endpoint", "max_recv_msg_size_mib", "auth"), p)
         endpoint = _endpoint(g.get("endpoint", DEFAULT_GRPC_ENDPOINT), f"{p}.endpoint")
         mib = _int(g.get("max_recv_msg_size_mib", DEFAULT_MAX_RECV_MSG_SIZE_MIB), f"{p}.max_recv_msg_size_mib", 1)
-        grpc = GrpcProtocol(endpoint, mib)
+        grpc = GrpcProtocol(endpoint, mib, _parse_protocol_auth(g.get("auth"), f"{p}.auth"))
     if "http" in protocols:
         p = f"{path}.protocols.http"
         h = _mapping(protocols["http"], p)
-        _check_keys(h, ("endpoint", "max_request_body_size"), p)
+        _check_keys(h, ("endpoint", "max_request_body_size", "auth"), p)
         endpoint = _endpoint(h.get("endpoint", DEFAULT_HTTP_ENDPOINT), f"{p}.endpoint")
         size = _size(h.get("max_request_body_size", DEFAULT_MAX_REQUEST_BODY_SIZE), f"{p}.max_request_body_size", 1)
-        http = HttpProtocol(endpoint, size)
+        http = HttpProtocol(endpoint, size, _parse_protocol_auth(h.get("auth"), f"{p}.auth"))
     return OtlpReceiver(cid, grpc, http)
+
+
+def _parse_protocol_auth(value: Any, path: str) -> str | None:
+    """`auth: {authenticator: ID}` (the collector's `configauth` shape) → the extension id, or None."""
+    if value is None:
+        return None
+    body = _mapping(value, path)
+    _check_keys(body, ("authenticator",), path)
+    ext = body.get("authenticator")
+    if not isinstance(ext, str) or _COMPONENT_ID.fullmatch(ext) is None:
+        raise ConfigError(f"{path}.authenticator: expected an extension id such as {auth_ext.EXTENSION_TYPE}")
+    return ext
 
 
 def _parse_slim(cid: str, body: Any) -> SlimProcessor:

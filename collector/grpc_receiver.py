@@ -8,6 +8,9 @@ Contract (same as OTLP/HTTP): the response is sent only after the store committe
 - writer overloaded → `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo` detail (OTLP: retryable
   because the server says when), store unable to write → `UNAVAILABLE` with `RetryInfo`;
 - a bug → `INTERNAL` (logged; the message says nothing more).
+With an `Authenticator` (API keys configured) the call's metadata must hold `x-api-key: KEY` or
+`authorization: Bearer KEY`, else `UNAUTHENTICATED` before the request is parsed (nothing stored, the
+key never echoed or logged); a valid key's tenant overrides the tenant the spans claim.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from tracetape.collector import otlp_decode as od
-from tracetape.collector.receiving import OnStored, ReceiverStats, Submitter
+from tracetape.collector.auth import Authenticator, metadata_key
+from tracetape.collector.receiving import UNAUTHENTICATED_MESSAGE, OnStored, ReceiverStats, Submitter, submit_as
 from tracetape.collector.writer import Overloaded, StoreUnavailable
 
 log = logging.getLogger("tracetape.collector.grpc")
@@ -32,19 +36,31 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 class TraceService:
     """The Export method; requests arrive as raw bytes and are parsed here."""
 
-    def __init__(self, writer: Submitter, stats: ReceiverStats, on_stored: OnStored | None = None) -> None:
+    def __init__(
+        self,
+        writer: Submitter,
+        stats: ReceiverStats,
+        on_stored: OnStored | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.writer = writer
         self.stats = stats
         self.on_stored = on_stored
+        self.authenticator = authenticator
 
     async def export(self, raw: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
+        principal = None
+        if self.authenticator is not None:
+            principal = self.authenticator.authenticate(metadata_key(context.invocation_metadata()))
+            if principal is None:
+                await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         try:
             request = od.parse_protobuf(raw)
         except od.Undecodable as err:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
         failure: tuple[grpc.StatusCode, str, float | None] | None = None
         try:
-            result = await self.writer.submit(request, size=len(raw))
+            result = await submit_as(self.writer, request, principal, len(raw))
         except Overloaded as err:
             failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the collector is busy; retry later", err.retry_after)
         except StoreUnavailable as err:
@@ -92,6 +108,7 @@ async def start_grpc_server(
     max_recv_msg_size: int,
     stats: ReceiverStats | None = None,
     on_stored: OnStored | None = None,
+    authenticator: Authenticator | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound."""
     server = grpc.aio.server(
@@ -101,7 +118,8 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),  # a second collector on the same port must fail, not share it
         ]
     )
-    server.add_generic_rpc_handlers((TraceService(writer, stats or ReceiverStats(), on_stored).handler(),))
+    service = TraceService(writer, stats or ReceiverStats(), on_stored, authenticator)
+    server.add_generic_rpc_handlers((service.handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

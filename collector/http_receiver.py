@@ -10,6 +10,11 @@ Contract
   writer is overloaded or the store cannot take writes (full disk included: 503 rather than 507 so that
   OTLP exporters retry instead of dropping), 500 only for bugs (logged; the body says nothing more).
 - Messages never contain payloads or attribute values.
+- With an `Authenticator` (API keys configured): `POST /v1/traces` needs `x-api-key: KEY` or
+  `Authorization: Bearer KEY`, else 401 + `WWW-Authenticate` and an `UNAUTHENTICATED` Status body, checked
+  before the body is read (nothing is stored; the key is never echoed or logged). A valid key's tenant
+  overrides the tenant the spans claim. `/metrics` needs a key too; `/healthz` then answers only
+  `{"status": "ok"}` (no store figures) without one.
 
 Serve the app with `start_http_server` (it turns aiohttp's own request decompression off, so the size
 limit is enforced here while inflating and a compression bomb costs at most the limit).
@@ -27,7 +32,10 @@ from aiohttp.web_protocol import RequestPayloadError
 from google.rpc import code_pb2
 
 from tracetape.collector import otlp_decode as od
-from tracetape.collector.receiving import OnStored, ReceiverStats, Submitter, retry_after_seconds
+from tracetape.collector.auth import Authenticator, Principal, presented_key
+from tracetape.collector.receiving import (
+    UNAUTHENTICATED_MESSAGE, OnStored, ReceiverStats, Submitter, retry_after_seconds, submit_as,
+)
 from tracetape.collector.writer import Overloaded, StoreUnavailable
 
 log = logging.getLogger("tracetape.collector.http")
@@ -40,6 +48,7 @@ _STATS = web.AppKey("stats", ReceiverStats)
 _ON_STORED = web.AppKey("on_stored", object)
 _HEALTH = web.AppKey("health", object)
 _STARTED = web.AppKey("started", float)
+_AUTH = web.AppKey("auth", object)
 
 
 def create_app(
@@ -49,8 +58,10 @@ def create_app(
     stats: ReceiverStats | None = None,
     on_stored: OnStored | None = None,
     health: Callable[[], dict[str, Any]] | None = None,
+    authenticator: Authenticator | None = None,
 ) -> web.Application:
-    """The receiver's aiohttp application. `health()` adds fields to `/healthz` and `/metrics`."""
+    """The receiver's aiohttp application. `health()` adds fields to `/healthz` and `/metrics`;
+    `authenticator` turns API keys on (see module doc)."""
     app = web.Application(client_max_size=max_request_body_size)
     app[_WRITER] = writer
     app[_LIMIT] = max_request_body_size
@@ -58,6 +69,7 @@ def create_app(
     app[_ON_STORED] = on_stored
     app[_HEALTH] = health
     app[_STARTED] = time.time()
+    app[_AUTH] = authenticator
     app.router.add_route("*", TRACES_PATH, export_traces)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -97,6 +109,12 @@ async def export_traces(request: web.Request) -> web.Response:
     if request.method != "POST":
         return _answer(stats, _status(405, code_pb2.UNIMPLEMENTED, f"{TRACES_PATH} accepts POST only", encoding,
                                       headers={"Allow": "POST"}))
+    authenticator: Authenticator | None = app[_AUTH]
+    principal: Principal | None = None
+    if authenticator is not None:
+        principal = authenticator.authenticate(presented_key(request.headers))
+        if principal is None:
+            return _answer(stats, _unauthenticated(encoding))
     try:
         body = await _read_body(request, app[_LIMIT])
         decoded = od.decode_request(
@@ -107,13 +125,13 @@ async def export_traces(request: web.Request) -> web.Response:
         return _answer(stats, _status(err.status, _GRPC_CODE[err.status], err.message, encoding))
     except (RequestPayloadError, ConnectionError):
         return _answer(stats, _status(400, code_pb2.INVALID_ARGUMENT, "incomplete request body", encoding))
-    return _answer(stats, await _store(app, decoded))
+    return _answer(stats, await _store(app, decoded, principal))
 
 
-async def _store(app: web.Application, decoded: od.Decoded) -> web.Response:
+async def _store(app: web.Application, decoded: od.Decoded, principal: Principal | None) -> web.Response:
     writer: Submitter = app[_WRITER]
     try:
-        result = await writer.submit(decoded.request, size=decoded.size)
+        result = await submit_as(writer, decoded.request, principal, decoded.size)
     except Overloaded as err:
         return _status(503, code_pb2.UNAVAILABLE, "the collector is busy; retry later", decoded.encoding,
                        headers={"Retry-After": str(retry_after_seconds(err.retry_after))})
@@ -131,13 +149,24 @@ async def _store(app: web.Application, decoded: od.Decoded) -> web.Response:
     return _message(200, message, decoded.encoding)
 
 
+def _authorized(request: web.Request) -> bool:
+    """Whether the request may see store figures: no keys configured, or a valid key sent."""
+    authenticator: Authenticator | None = request.app[_AUTH]
+    return authenticator is None or authenticator.authenticate(presented_key(request.headers)) is not None
+
+
 async def healthz(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return web.json_response({"status": "ok"})
     extra = request.app[_HEALTH]() if request.app[_HEALTH] else {}
     return web.json_response({"status": "ok", **{k: v for k, v in extra.items() if k in ("store", "forwarding")}})
 
 
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
+    if not _authorized(request):
+        return web.json_response({"error": "unauthenticated", "message": UNAUTHENTICATED_MESSAGE}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="tracetape"'})
     extra = app[_HEALTH]() if app[_HEALTH] else {}
     return web.json_response({
         "uptime_s": round(time.time() - app[_STARTED], 3),
@@ -178,6 +207,11 @@ def _status(
     status: int, code: int, text: str, encoding: od.Encoding, headers: dict[str, str] | None = None
 ) -> web.Response:
     return _message(status, od.status_message(code, text), encoding, headers)
+
+
+def _unauthenticated(encoding: od.Encoding) -> web.Response:
+    return _status(401, code_pb2.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, encoding,
+                   headers={"WWW-Authenticate": 'Bearer realm="tracetape"'})
 
 
 def _answer(stats: ReceiverStats, response: web.Response) -> web.Response:

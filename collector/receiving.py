@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tracetape.collector.auth import Principal
 from tracetape.collector.writer import IngestResult
 
 OnStored = Callable[[IngestResult], None]
@@ -26,8 +27,26 @@ class Submitter(Protocol):
     """The part of `collector.writer.StoreWriter` a receiver uses."""
 
     async def submit(
-        self, request: ExportTraceServiceRequest, *, tenant: str | None = None, size: int | None = None
+        self,
+        request: ExportTraceServiceRequest,
+        *,
+        tenant: str | None = None,
+        size: int | None = None,
+        scopes: frozenset[str] | None = None,
     ) -> IngestResult: ...
+
+
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send it as x-api-key or Authorization: Bearer)"
+"""What a receiver answers without a valid key: never the key, never whether one was sent."""
+
+
+async def submit_as(
+    writer: Submitter, request: ExportTraceServiceRequest, principal: Principal | None, size: int
+) -> IngestResult:
+    """`writer.submit`, storing under the authenticated principal's tenant (and scopes) when there is one."""
+    if principal is None:
+        return await writer.submit(request, size=size)
+    return await writer.submit(request, tenant=principal.tenant, scopes=principal.scopes, size=size)
 
 
 @dataclass

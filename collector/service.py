@@ -12,7 +12,9 @@ Contract
 - `run(args)` is the CLI: loads `--config` (default ./otel-config.yaml if present, else built-in
   defaults), applies `--data`/`--host`/`--http-port`/`--grpc-port`, prints one line with the addresses
   (a JSON object with `--json`), and stops cleanly on SIGINT/SIGTERM with exit status 0.
-Binds 127.0.0.1 unless told otherwise.
+Binds 127.0.0.1 unless told otherwise. With the `tracetape_auth` extension enabled every receiver requires
+an API key (`collector/auth.py`); without it, a receiver bound beyond loopback is logged as a warning,
+since then anyone who can reach the port can write spans.
 """
 
 from __future__ import annotations
@@ -85,11 +87,17 @@ class CollectorService:
         from tracetape.collector.http_receiver import TRACES_PATH, create_app, start_http_server
 
         on_stored = self.forwarder.notify if self.config.forward_routes else None
+        authenticator = self.config.authenticator
         for receiver in self.config.storing_receivers:
+            for proto in (receiver.http, receiver.grpc):
+                if proto is not None and authenticator is None and not is_loopback(proto.host):
+                    log.warning("receivers.%s listens on %s without API keys: anyone who can reach it can "
+                                "write spans (configure the tracetape_auth extension)", receiver.id, proto.endpoint)
             if receiver.http is not None:
                 http = receiver.http
                 app = create_app(self.writer, max_request_body_size=http.max_request_body_size,
-                                 stats=self.stats, on_stored=on_stored, health=self.health)
+                                 stats=self.stats, on_stored=on_stored, health=self.health,
+                                 authenticator=authenticator)
                 try:
                     runner, port = await start_http_server(app, http.host, http.port)
                 except OSError as err:
@@ -103,6 +111,7 @@ class CollectorService:
                     server, port = await start_grpc_server(
                         self.writer, host=grpc_conf.host, port=grpc_conf.port,
                         max_recv_msg_size=grpc_conf.max_recv_msg_size, stats=self.stats, on_stored=on_stored,
+                        authenticator=authenticator,
                     )
                 except OSError as err:
                     raise CliError(f"receivers.{receiver.id}: cannot listen on {grpc_conf.endpoint} (OTLP/gRPC): "
@@ -151,6 +160,7 @@ class CollectorService:
             "store": self.config.store.path,
             "forwarding": [{"exporter": r.exporter.id, "endpoint": r.exporter.url} for r in self.config.forward_routes],
             "config": self.config.source,
+            "auth": "api_keys" if self.config.auth is not None else "none",
             "pid": os.getpid(),
         }
 
@@ -236,9 +246,23 @@ def start_line(service: CollectorService, as_json: bool = False) -> str:
         return json.dumps(info)
     parts = [f"OTLP/HTTP {a}" for a in info["http"]] + [f"OTLP/gRPC {a}" for a in info["grpc"]]
     line = f"tracetape collector: listening on {', '.join(parts) or 'nothing'}; store {info['store']}"
+    if info["auth"] == "api_keys":
+        line += "; API keys required"
     if info["forwarding"]:
         line += "; forwarding to " + ", ".join(f"{f['exporter']} ({f['endpoint']})" for f in info["forwarding"])
     return line
 
 
 _start_line = start_line  # the name `tracetape up` used first
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name to bind) is a loopback one; "" (every interface) is not."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

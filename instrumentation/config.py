@@ -6,6 +6,8 @@
 | `TRACETAPE_TENANT`           | tenant of the run                                                        | `default`                        |
 | `TRACETAPE_SCOPE`            | scope of the run within the tenant                                       | `default`                        |
 | `TRACETAPE_ENDPOINT`         | OTLP/HTTP base URL of the collector; spans go to `{endpoint}/v1/traces`  | `http://127.0.0.1:4318`          |
+| `TRACETAPE_API_KEY`          | API key sent to the collector as `x-api-key` (when it requires keys);    | unset                            |
+|                              | never logged nor recorded; the collector stores under the key's tenant   |                                  |
 | `TRACETAPE_HTTP_HOSTS`       | comma list of `host` or `host:port` whose plain HTTP calls are recorded  | empty                            |
 | `TRACETAPE_MODE`             | `record` or `replay`                                                     | `record`                         |
 | `TRACETAPE_REPLAY_URL`       | replay mode: the replay session's base URL                               | empty                            |
@@ -45,6 +47,7 @@ ENV_RUN_ID = "TRACETAPE_RUN_ID"
 ENV_TENANT = "TRACETAPE_TENANT"
 ENV_SCOPE = "TRACETAPE_SCOPE"
 ENV_ENDPOINT = "TRACETAPE_ENDPOINT"
+ENV_API_KEY = "TRACETAPE_API_KEY"
 ENV_HTTP_HOSTS = "TRACETAPE_HTTP_HOSTS"
 ENV_MODE = "TRACETAPE_MODE"
 ENV_REPLAY_URL = "TRACETAPE_REPLAY_URL"
@@ -118,6 +121,8 @@ class RecorderConfig:
     agent_name: str = ""
     disabled: bool = False
     collector_warned: bool = False
+    api_key: str = field(default="", repr=False)
+    """`TRACETAPE_API_KEY`: sent to the collector only (never in a repr, a log or a span)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RecorderConfig:
@@ -148,6 +153,7 @@ class RecorderConfig:
             agent_name=(env.get(ENV_AGENT_NAME) or "").strip(),
             disabled=is_true(env.get(ENV_DISABLED)),
             collector_warned=is_true(env.get(ENV_COLLECTOR_WARNED)),
+            api_key=(env.get(ENV_API_KEY) or "").strip(),
         )
 
     @property
@@ -192,6 +198,8 @@ class RecorderConfig:
             env[ENV_AGENT_NAME] = self.agent_name
         if self.collector_warned:
             env[ENV_COLLECTOR_WARNED] = "1"
+        if self.api_key:
+            env[ENV_API_KEY] = self.api_key
         return env
 
 

@@ -153,17 +153,22 @@ class SizeSplittingExporter(SpanExporter):
         """Spans dropped because the collector was unreachable."""
 
     @classmethod
-    def otlp_http(cls, endpoint: str, *, max_bytes: int, warned: bool = False) -> SizeSplittingExporter:
+    def otlp_http(
+        cls, endpoint: str, *, max_bytes: int, warned: bool = False, api_key: str | None = None
+    ) -> SizeSplittingExporter:
         """Over `OTLPSpanExporter` (HTTP protobuf, uncompressed) sending to `{endpoint}/v1/traces`.
 
         The application's `OTEL_EXPORTER_OTLP_*` headers, certificates and compression are meant for its
         own backend: they are not applied to tracetape's collector (its credentials never reach it).
+        `api_key` (`TRACETAPE_API_KEY`) is sent as the `x-api-key` header, to tracetape's collector only;
+        it is never logged nor put on a span.
         """
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         url = f"{endpoint.rstrip('/')}/v1/traces"
+        headers = {"x-api-key": api_key} if api_key else None
         with _without_env(_APPLICATION_EXPORTER_ENV):
-            inner = OTLPSpanExporter(endpoint=url)
+            inner = OTLPSpanExporter(endpoint=url, headers=headers)
         return cls(inner, url=url, max_bytes=max_bytes, warned=warned)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:

@@ -203,7 +203,8 @@ def build_recorder(
     )
     provider.add_span_processor(RunAttributesProcessor(run_attributes(config)))
     exporter = exporter or SizeSplittingExporter.otlp_http(
-        config.endpoint, max_bytes=config.max_export_bytes, warned=config.collector_warned
+        config.endpoint, max_bytes=config.max_export_bytes, warned=config.collector_warned,
+        api_key=config.api_key or None,
     )
     provider.add_span_processor(_batch_processor(exporter))
     tracer = RunTracer(provider.get_tracer(TRACER_NAME, _version()))
@@ -225,7 +226,7 @@ def register(recorder: Recorder, config: RecorderConfig) -> None:
     if isinstance(current, TracerProvider) and current is not recorder.provider:
         current.add_span_processor(RunAttributesProcessor(run_attributes(config)))
         forward = SizeSplittingExporter.otlp_http(
-            config.endpoint, max_bytes=config.max_export_bytes, warned=True
+            config.endpoint, max_bytes=config.max_export_bytes, warned=True, api_key=config.api_key or None
         )
         current.add_span_processor(_batch_processor(forward))
         recorder.extra_exporters.append(forward)

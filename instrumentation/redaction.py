@@ -7,7 +7,9 @@ Contract:
   first four characters (`sk-a****…`), enough to tell which key family it was, never enough to use it.
 - `redact_text` does the same for strings (URLs, error messages, tool arguments).
 
-Extra patterns come from `TRACETAPE_REDACT_PATTERNS` (a `;`-separated list of regular expressions).
+Extra patterns come from `TRACETAPE_REDACT_PATTERNS` (a `;`-separated list of regular expressions). The
+process's own tracetape key (`TRACETAPE_API_KEY`, 8 characters or more) is always masked too, wherever the
+application might echo it.
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ def _compile(rules: Iterable[Rule]) -> tuple[_Compiled, ...]:
 
 def _rules_from_env() -> tuple[Rule, ...]:
     extra = os.environ.get("TRACETAPE_REDACT_PATTERNS", "")
-    return DEFAULT_RULES + tuple(Rule(p) for p in extra.split(";") if p)
+    rules = DEFAULT_RULES + tuple(Rule(p) for p in extra.split(";") if p)
+    own_key = os.environ.get("TRACETAPE_API_KEY", "").strip()
+    if len(own_key) >= 8:
+        rules += (Rule(re.escape(own_key), (own_key,)),)
+    return rules
 
 
 _RULES = _compile(_rules_from_env())

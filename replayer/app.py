@@ -12,6 +12,18 @@ Routes:
 - `* /s/{sid}/{profile}/{tail}` → the proxy (`proxy.handle_proxy`)
 Every error is JSON `{"error": code, ...}` with a 4xx for client mistakes; an unexpected failure is a 500
 `{"error": "internal"}` whose details go to the log only. Request bodies are capped (`client_max_size`).
+
+Access control, when the state has an `Authenticator` (API keys configured):
+- every `/v1/replay/sessions` route needs the tracetape key (`x-api-key` or `Authorization: Bearer`),
+  else 401 `unauthenticated`; the session is opened on the key's `TenantStore`, so a run outside the
+  key's tenant is 403 `forbidden` exactly as an absent one (`session.open_session`); the list shows the
+  key's tenant's sessions only; reading or deleting another tenant's session is 403 `forbidden`.
+- `/s/{sid}/...` (proxy and `_tool`) are authorised by the session id itself, a 128-bit random
+  capability returned only to the key that created the session: the SDKs under replay send THEIR
+  provider's key in `x-api-key`/`Authorization`, so those headers are not tracetape's there (and are
+  neither checked, stored nor logged).
+- `/v1/replay/health` answers `{"status": "ok"}` and gives the session count only to a valid key.
+Without keys nothing is checked (the replayer binds 127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -22,10 +34,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from tracetape.collector.auth import Principal, presented_key
 from tracetape.replayer import proxy
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.proxy import STATE_KEY
-from tracetape.replayer.session import SessionOptions, open_session
+from tracetape.replayer.session import ReplaySession, SessionOptions, open_session
 from tracetape.replayer.state import ReplayerState
 
 log = logging.getLogger("tracetape.replayer")
@@ -54,6 +67,28 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": "internal"}, status=500)
 
 
+def _principal(request: web.Request, state: ReplayerState) -> Principal | None:
+    """The key's principal; None when no keys are configured; 401 when they are and none valid was sent."""
+    if state.authenticator is None:
+        return None
+    principal = state.authenticator.authenticate(presented_key(request.headers))
+    if principal is None:
+        raise ApiError(401, "unauthenticated", "missing or invalid API key (send it as x-api-key or "
+                       "Authorization: Bearer)")
+    return principal
+
+
+def _own_session(request: web.Request, state: ReplayerState, principal: Principal | None) -> ReplaySession:
+    session = state.sessions.get(request.match_info["sid"])
+    _check_owner(session, principal)
+    return session
+
+
+def _check_owner(session: ReplaySession, principal: Principal | None) -> None:
+    if principal is not None and session.owner != principal.tenant:
+        raise ApiError(403, "forbidden", "this replay session belongs to another tenant")
+
+
 def _base_urls(request: web.Request, state: ReplayerState, sid: str) -> dict[str, str]:
     root = f"{request.scheme}://{request.host}/s/{sid}"
     return {name: f"{root}/{name}" for name in sorted(state.profiles)}
@@ -61,6 +96,7 @@ def _base_urls(request: web.Request, state: ReplayerState, sid: str) -> dict[str
 
 async def create_session(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    principal = _principal(request, state)
     if request.content_length is not None and request.content_length > MAX_API_BODY:
         raise ApiError(413, "request_too_large", f"at most {MAX_API_BODY} bytes")
     try:
@@ -68,9 +104,10 @@ async def create_session(request: web.Request) -> web.Response:
     except ValueError as err:
         raise ApiError(400, "bad_request", "the body must be a JSON object") from err
     options = SessionOptions.from_json(data)
-    session = open_session(state.store(), options)
+    session = open_session(state.store(), options, principal)
     if options.record and state.recorder is not None:
-        session.recorder = state.recorder.open(session)
+        api_key = presented_key(request.headers) if principal is not None else None  # the replay goes with it
+        session.recorder = state.recorder.open(session, api_key=api_key)
     try:
         state.sessions.add(session)
     except ApiError:
@@ -88,16 +125,20 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return web.json_response({"sessions": [s.describe() for s in state.sessions.all()]})
+    principal = _principal(request, state)
+    sessions = [s for s in state.sessions.all() if principal is None or s.owner == principal.tenant]
+    return web.json_response({"sessions": [s.describe() for s in sessions]})
 
 
 async def get_session(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return web.json_response(state.sessions.get(request.match_info["sid"]).report())
+    return web.json_response(_own_session(request, state, _principal(request, state)).report())
 
 
 async def delete_session(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    principal = _principal(request, state)
+    _own_session(request, state, principal)
     session = state.sessions.remove(request.match_info["sid"])
     if session.recorder is not None and state.recorder is not None:
         session.recorder.close()
@@ -107,6 +148,8 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    if state.authenticator is not None and state.authenticator.authenticate(presented_key(request.headers)) is None:
+        return web.json_response({"status": "ok"})
     return web.json_response({"status": "ok", "sessions": len(state.sessions)})
 
 

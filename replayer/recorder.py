@@ -12,6 +12,8 @@ Contract:
 - Attempts of one original step (the SDK's retries) share one replay step (id, start, index); unmatched
   requests with `x-stainless-retry-count` N > 0 join the latest step with the same envelope.
 - Never raises into the proxy: a failure to record is logged and counted, the client is still answered.
+- When the collector requires API keys, `open(session, api_key=KEY)` makes that session's spans go with the
+  key that created the session (`replayer/keyed_export.py`), so the replay run lands in the same tenant.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from tracetape.collector.records import AttemptRecord
 from tracetape.instrumentation import contract, redaction
 from tracetape.instrumentation.exporter import SizeSplittingExporter
+from tracetape.replayer.keyed_export import KeyedExporter
 from tracetape.replayer.tape import Outcome
 
 log = logging.getLogger("tracetape.replayer")
@@ -45,20 +48,39 @@ class ReplayRecorder:
     """The replayer's tracer provider (see module doc)."""
 
     def __init__(self, collector: str | None = None, exporter: SpanExporter | None = None) -> None:
+        self.keyed: KeyedExporter | None = None
         if exporter is None:
             if not collector:
                 raise ValueError("give a collector URL or an exporter")
-            exporter = SizeSplittingExporter.otlp_http(collector, max_bytes=MAX_EXPORT_BYTES)
+            url = collector
+            self.keyed = KeyedExporter(
+                lambda key: SizeSplittingExporter.otlp_http(url, max_bytes=MAX_EXPORT_BYTES, api_key=key))
+            exporter = self.keyed
+        self._ended: list[str] = []
+        self._ended_lock = threading.Lock()
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: SERVICE}))
         self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
         self.tracer = self.provider.get_tracer("tracetape.replayer")
         self.failures = 0
 
-    def open(self, session: Any) -> SessionRecorder:
+    def open(self, session: Any, api_key: str | None = None) -> SessionRecorder:
+        """A recorder for `session`'s replay run; its spans are exported with `api_key` when given."""
+        if api_key and self.keyed is not None:
+            self.keyed.bind(session.replay_run_id, api_key)
         return SessionRecorder(self, session)
 
+    def ended(self, run_id: str) -> None:
+        with self._ended_lock:
+            self._ended.append(run_id)
+
     def flush(self) -> None:
+        """Export what has ended, then forget the keys of the runs that had ended before."""
+        with self._ended_lock:
+            done, self._ended = self._ended, []
         self.provider.force_flush(10_000)
+        if self.keyed is not None:
+            for run_id in done:
+                self.keyed.release(run_id)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -208,3 +230,4 @@ class SessionRecorder:
         self.run_span.set_attribute(contract.RUN_OUTCOME, contract.OUTCOME_FAILED if failed else contract.OUTCOME_COMPLETED)
         self.run_span.set_attribute(contract.RUN_EXIT_CODE, 1 if failed else 0)
         self.run_span.end()
+        self.owner.ended(self.session.replay_run_id)

@@ -12,6 +12,9 @@
   step's envelope before anything else; a mismatch names the closest step and the differing JSON paths and
   exits 1.
 - A run that is running, incomplete or invalidated is refused (exit 3) unless `--force`.
+- The store is read directly (file-system access is the operator's), so no API key is needed for that. A
+  replayer that requires keys (`--replayer URL`) is sent `--api-key` or `TRACETAPE_API_KEY` as `x-api-key`
+  when the session is created and deleted; CMD inherits `TRACETAPE_API_KEY` for its own recording.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-exhausted", choices=("error", "repeat_last"), default="error")
     parser.add_argument("--verify-envelope", default=None, metavar="FILE")
     parser.add_argument("--replayer", default=None, metavar="URL", help="use this replayer instead of starting one")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="the replayer's API key (default: $TRACETAPE_API_KEY; prefer the variable, "
+                             "a command line is visible to other users)")
     parser.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                         help="upstream profile for live calls of the in-process replayer (step/live modes)")
     add_store_arguments(parser)
@@ -185,12 +191,13 @@ def _print_final_output(args: argparse.Namespace, store: Store, run_rec: RunReco
     return 0
 
 
-def _api(url: str, method: str, body: Any = None) -> tuple[int, Any]:
+def _api(url: str, method: str, body: Any = None, api_key: str | None = None) -> tuple[int, Any]:
     import urllib.error
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -215,8 +222,9 @@ def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[
     base = base.rstrip("/")
     new_run = new_replay_run_id(run_rec.run_id)
     allow = [a.strip() for a in args.allow_mutations.split(",") if a.strip()]
+    api_key = (getattr(args, "api_key", None) or os.environ.get("TRACETAPE_API_KEY") or "").strip() or None
     try:
-        status, session = _api(f"{base}/v1/replay/sessions", "POST", {
+        status, session = _api(f"{base}/v1/replay/sessions", "POST", api_key=api_key, body={
             "run_id": run_rec.run_id, "tenant": run_rec.tenant, "scope": run_rec.scope, "mode": args.mode,
             "until_step": args.until_step, "pace": args.pace, "force": args.force, "record": False,
             "on_exhausted": args.on_exhausted, "allow_mutations": allow, "replay_run_id": new_run})
@@ -234,6 +242,7 @@ def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[
             "TRACETAPE_LINEAGE_DEPTH": str(run_rec.lineage_depth + 1),
             "TRACETAPE_ALLOW_MUTATIONS": ",".join(allow),
             "TRACETAPE_TENANT": run_rec.tenant, "TRACETAPE_SCOPE": run_rec.scope,
+            **({"TRACETAPE_API_KEY": api_key} if api_key else {}),
         })
         keys.check_id(new_run, "run id")
         argv = [sys.executable, "-m", "tracetape.cli", "run", "--run-id", new_run, "--", *command]
@@ -242,7 +251,7 @@ def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[
             code = proc.returncode
         except KeyboardInterrupt:
             code = 130
-        _, report = _api(f"{base}/v1/replay/sessions/{session['session_id']}", "DELETE")
+        _, report = _api(f"{base}/v1/replay/sessions/{session['session_id']}", "DELETE", api_key=api_key)
     finally:
         if thread is not None:
             thread.stop()

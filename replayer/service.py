@@ -7,6 +7,9 @@ forbids opening one environment twice in a process); otherwise it opens `data` r
 may start before the collector has written anything. `collector=None` (or `record=False`) disables the
 replayer's own recording of replays; `exporter=` sends those spans elsewhere (tests).
 `ReplayerThread` runs a service on its own event loop in a daemon thread (for `tracetape replay -- CMD`).
+`authenticator=` (`tracetape replayer --api-keys FILE`, or the collector config's `tracetape_auth` in
+`tracetape up`) turns API keys on: see `replayer/app.py` for what they guard. Without keys it binds
+127.0.0.1 by default and a bind beyond loopback is logged as a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from tracetape.collector.auth import Authenticator, authenticator_from_file
 from tracetape.collector.store import Store
 from tracetape.errors import CliError
 from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
@@ -52,6 +56,7 @@ class ReplayerService:
         record: bool = True,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.data = os.fspath(data) if data is not None else default_data_dir()
         self._shared_store = store
@@ -63,7 +68,7 @@ class ReplayerService:
             recorder = ReplayRecorder(collector, exporter)
         self.state = ReplayerState(
             open_store=self._open_store, profiles=profiles or build_profiles(),
-            sessions=SessionManager(max_sessions), recorder=recorder)
+            sessions=SessionManager(max_sessions), recorder=recorder, authenticator=authenticator)
         self._runner: web.AppRunner | None = None
 
     def _open_store(self) -> Store:
@@ -76,6 +81,11 @@ class ReplayerService:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        from tracetape.collector.service import is_loopback
+
+        if self.state.authenticator is None and not is_loopback(self.host):
+            log.warning("the replayer listens on %s without API keys: anyone who can reach it can replay every "
+                        "recorded run (give --api-keys FILE)", self.host)
         self.state.client = new_client()
         app = make_app(self.state, client_max_size=self.client_max_size)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -148,15 +158,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an upstream profile: real base URL for live calls (repeatable)")
     parser.add_argument("--profiles", default=None, metavar="FILE", help="profiles file (JSON or YAML)")
     parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    parser.add_argument("--api-keys", default=None, metavar="FILE",
+                        help="require API keys: a YAML/JSON file {keys: [{sha256, tenant, scopes}]} (sha256 of "
+                             "each key: printf %%s KEY | sha256sum)")
 
 
 def service_from_args(args: argparse.Namespace, store: Store | None = None) -> ReplayerService:
     if not 0 <= args.port <= 65535:
         raise CliError(f"invalid port {args.port}")
+    api_keys = getattr(args, "api_keys", None)
+    authenticator = authenticator_from_file(api_keys) if api_keys else None  # KeysError is a CliError
     return ReplayerService(
         data=args.data, store=store, host=args.host, port=args.port,
         profiles=build_profiles(args.upstream, args.profiles), collector=args.collector,
-        record=not args.no_record, max_sessions=args.max_sessions)
+        record=not args.no_record, max_sessions=args.max_sessions, authenticator=authenticator)
 
 
 async def serve_forever(services: list[Any]) -> None:
@@ -187,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         await service.start()
+        keys = "; API keys required" if service.state.authenticator is not None else ""
         print(f"tracetape replayer listening on {service.url} (store {service.data}, profiles "
-              f"{', '.join(f'{p.name}={p.upstream}' for p in service.state.profiles.values())})", flush=True)
+              f"{', '.join(f'{p.name}={p.upstream}' for p in service.state.profiles.values())}){keys}", flush=True)
         try:
             await serve_forever([])
         finally:

@@ -3,11 +3,17 @@
 Contract:
 - `SessionOptions.from_json` validates a `POST /v1/replay/sessions` body (400 `ApiError` naming the
   field on any bad value; unknown fields are rejected too, so a typo never silently changes behaviour).
-- `open_session(store, options)` finds the run (404 when absent; 409 `ambiguous_run` when the id exists in
-  several tenant/scopes and none was given), refuses a run that is not replayable (409 `not_replayable`
-  with the reason: `running`, `execution_incomplete`, `recording_failure`, `manually_invalidated`,
-  `canon_profile`, ...) unless `force`, then reads the run's steps with ONE store scan and builds the
+- `open_session(store, options, principal=None)` finds the run (404 when absent; 409 `ambiguous_run` when
+  the id exists in several tenant/scopes and none was given), refuses a run that is not replayable (409
+  `not_replayable` with the reason: `running`, `execution_incomplete`, `recording_failure`,
+  `manually_invalidated`, `canon_profile`, ...) unless `force`, then reads the run's steps with ONE store scan and builds the
   `MatchIndex`. Nothing else reads the store per request except payload blobs (one get each).
+- Every read of a session goes through a `TenantStore` (`session.store`): with an API key's `principal`,
+  that of the key's tenant (and scopes), so the run is looked up ONLY there, and a run that is not there —
+  absent, or another tenant's — is 403 `forbidden`, the same answer either way (it never says whether the
+  run exists elsewhere); `tenant` naming another tenant is 403 too. Without a principal (no keys
+  configured), the run is found in any tenant and read through its tenant's `TenantStore`.
+  `owner` is the creating principal's tenant (None without keys): only it may read or delete the session.
 - `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond); ids are
   random 128-bit hex.
 - Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
@@ -24,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracetape.collector import keys, records
+from tracetape.collector.auth import Principal
 from tracetape.collector.records import AttemptRecord, PayloadRef, RunRecord, StepRecord
 from tracetape.collector.store import Store
+from tracetape.collector.tenant_store import TenantStore
 from tracetape.instrumentation import contract
 from tracetape.replayer.coverage import Coverage
 from tracetape.replayer.errors import ApiError
@@ -135,8 +143,10 @@ class ReplaySession:
     run: RunRecord
     steps: list[StepRecord]
     index: MatchIndex
-    store: Store
+    store: TenantStore
     replay_run_id: str
+    owner: str | None = None
+    """The tenant whose API key created the session (None when no keys are configured)."""
     forced: bool = False
     refusal: str | None = None
     created_ns: int = field(default_factory=time.time_ns)
@@ -162,7 +172,7 @@ class ReplaySession:
         """A payload's bytes (empty for None); 500-level `ApiError` when the store lost it."""
         if ref is None:
             return b""
-        data = self.store.blob(self.tenant, self.scope, ref.digest)
+        data = self.store.blob(self.scope, ref.digest)
         if data is None:
             raise ApiError(502, "payload_missing", "a recorded payload is not in the store")
         return data
@@ -208,19 +218,43 @@ def find_run(store: Store, options: SessionOptions) -> RunRecord:
     return found[0]
 
 
+def forbidden_run(options: SessionOptions) -> ApiError:
+    """The one answer for a run this key may not replay, whether it is absent or another tenant's."""
+    return ApiError(403, "forbidden", f"run {options.run_id!r} cannot be replayed with this API key "
+                    "(403 does not say whether it exists)", run=options.run_id)
+
+
+def find_own_run(reader: TenantStore, options: SessionOptions) -> RunRecord:
+    """The run in the key's tenant (see module doc): 403 when it is not there, 409 when ambiguous there."""
+    if options.tenant is not None and options.tenant != reader.tenant:
+        raise forbidden_run(options)
+    found = reader.find_run(options.run_id, options.scope)
+    if not found:
+        raise forbidden_run(options)
+    if len(found) > 1:
+        raise ApiError(409, "ambiguous_run", "the run id exists in several scopes: give scope",
+                       run=options.run_id, candidates=[{"tenant": r.tenant, "scope": r.scope} for r in found])
+    return found[0]
+
+
 def new_replay_run_id(original: str) -> str:
     suffix = f"-replay-{os.urandom(3).hex()}"
     return original[: 128 - len(suffix)] + suffix
 
 
-def open_session(store: Store, options: SessionOptions) -> ReplaySession:
+def open_session(store: Store, options: SessionOptions, principal: Principal | None = None) -> ReplaySession:
     """Load a run for replay (see module doc): one scan of its steps, then the in-memory index."""
-    run = find_run(store, options)
+    if principal is not None:
+        reader = TenantStore(store, principal.tenant, principal.scopes)
+        run = find_own_run(reader, options)
+    else:
+        run = find_run(store, options)
+        reader = TenantStore(store, run.tenant)
     reason = refusal_reason(run)
     if reason is not None and not options.force:
         raise ApiError(409, "not_replayable", f"run {run.run_id} is not replayable: {reason}", run=run.run_id,
                        reason=reason, run_status=run.status, hint="pass force: true (--force) to replay it anyway")
-    steps = store.steps(run.tenant, run.scope, run.run_id)
+    steps = reader.steps(run.scope, run.run_id)
     if options.mode != MODE_LIVE and options.until_step is not None and options.until_step > len(steps):
         raise ApiError(400, "bad_request", f"until_step {options.until_step} is past the run's {len(steps)} steps")
     return ReplaySession(
@@ -229,8 +263,9 @@ def open_session(store: Store, options: SessionOptions) -> ReplaySession:
         run=run,
         steps=steps,
         index=MatchIndex(steps, options.on_exhausted),
-        store=store,
+        store=reader,
         replay_run_id=options.replay_run_id or new_replay_run_id(run.run_id),
+        owner=principal.tenant if principal is not None else None,
         forced=options.force and reason is not None,
         refusal=reason,
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from tracetape.collector.auth import Authenticator
 from tracetape.collector.store import Store, StoreError
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.profiles import Profile
@@ -23,6 +24,8 @@ class ReplayerState:
     sessions: SessionManager = field(default_factory=SessionManager)
     client: aiohttp.ClientSession | None = None
     recorder: ReplayRecorder | None = None
+    authenticator: Authenticator | None = None
+    """API keys (`replayer/app.py` says what they guard); None: nothing is checked."""
     _store: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

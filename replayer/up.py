@@ -1,6 +1,7 @@
 """`tracetape up [--config otel-config.yaml] [--data DIR] [--port P] [--upstream NAME=URL ...]`: the collector
 and the replayer in one process, sharing one Store (LMDB allows one environment per path per process). The
 replayer records the replays it serves to this collector's own OTLP/HTTP receiver. Stops on SIGINT/SIGTERM.
+With the collector config's `tracetape_auth` extension enabled, the replayer requires the same API keys.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ async def _main(args: argparse.Namespace) -> int:
         http = collector.addresses["http"]
         endpoint = http[0].rsplit("/v1/traces", 1)[0].replace("0.0.0.0", "127.0.0.1") if http else None
         replayer = ReplayerService(store=collector.store, host=args.replayer_host, port=args.port,
-                                   profiles=build_profiles(args.upstream, args.profiles), collector=endpoint)
+                                   profiles=build_profiles(args.upstream, args.profiles), collector=endpoint,
+                                   authenticator=config.authenticator)
         await replayer.start()
         print(collector_service._start_line(collector, bool(getattr(args, "json", False))), flush=True)
         print(f"tracetape replayer: listening on {replayer.url}", flush=True)
