@@ -110,7 +110,13 @@ async def start_grpc_server(
     on_stored: OnStored | None = None,
     authenticator: Authenticator | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound."""
+    """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound.
+
+    Known limit: gRPC reads a whole message before the handler can refuse it, so memory here is bounded
+    per message (`max_recv_msg_size`) times concurrent exports, not by the writer's budget as on OTLP/HTTP
+    (whose receiver reserves budget before reading). gRPC's own `maximum_concurrent_rpcs` is not a fix:
+    it refuses with RESOURCE_EXHAUSTED without RetryInfo, which OTLP exporters treat as permanent (data
+    loss); a per-connection stream cap turns overload into REFUSED_STREAM instead of RetryInfo."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_recv_msg_size),

@@ -36,7 +36,7 @@ from tracetape.collector.auth import Authenticator, Principal, presented_key
 from tracetape.collector.receiving import (
     UNAUTHENTICATED_MESSAGE, OnStored, ReceiverStats, Submitter, retry_after_seconds, submit_as,
 )
-from tracetape.collector.writer import Overloaded, StoreUnavailable
+from tracetape.collector.writer import Overloaded, Reservation, StoreUnavailable
 
 log = logging.getLogger("tracetape.collector.http")
 
@@ -115,26 +115,39 @@ async def export_traces(request: web.Request) -> web.Response:
         principal = authenticator.authenticate(presented_key(request.headers))
         if principal is None:
             return _answer(stats, _unauthenticated(encoding))
+    limit = app[_LIMIT]
     try:
-        body = await _read_body(request, app[_LIMIT])
-        decoded = od.decode_request(
-            body, request.headers.get("Content-Type"), request.headers.get("Content-Encoding"),
-            max_size=app[_LIMIT],
-        )
-    except od.DecodeFailure as err:
-        return _answer(stats, _status(err.status, _GRPC_CODE[err.status], err.message, encoding))
-    except (RequestPayloadError, ConnectionError):
-        return _answer(stats, _status(400, code_pb2.INVALID_ARGUMENT, "incomplete request body", encoding))
-    return _answer(stats, await _store(app, decoded, principal))
+        # Budget first, body second: memory is bounded by the writer's budget, not by clients x body size.
+        reservation = app[_WRITER].reserve(min(request.content_length or limit, limit))
+    except Overloaded as err:
+        return _answer(stats, _overloaded(err, encoding))
+    with reservation:
+        try:
+            body = await _read_body(request, limit)
+            decoded = od.decode_request(
+                body, request.headers.get("Content-Type"), request.headers.get("Content-Encoding"), max_size=limit,
+            )
+        except od.DecodeFailure as err:
+            return _answer(stats, _status(err.status, _GRPC_CODE[err.status], err.message, encoding))
+        except (RequestPayloadError, ConnectionError):
+            return _answer(stats, _status(400, code_pb2.INVALID_ARGUMENT, "incomplete request body", encoding))
+        del body  # the decoded request is what is held from here on
+        return _answer(stats, await _store(app, decoded, principal, reservation))
 
 
-async def _store(app: web.Application, decoded: od.Decoded, principal: Principal | None) -> web.Response:
+def _overloaded(err: Overloaded, encoding: od.Encoding) -> web.Response:
+    return _status(503, code_pb2.UNAVAILABLE, "the collector is busy; retry later", encoding,
+                   headers={"Retry-After": str(retry_after_seconds(err.retry_after))})
+
+
+async def _store(
+    app: web.Application, decoded: od.Decoded, principal: Principal | None, reservation: Reservation
+) -> web.Response:
     writer: Submitter = app[_WRITER]
     try:
-        result = await submit_as(writer, decoded.request, principal, decoded.size)
+        result = await submit_as(writer, decoded.request, principal, decoded.size, reservation)
     except Overloaded as err:
-        return _status(503, code_pb2.UNAVAILABLE, "the collector is busy; retry later", decoded.encoding,
-                       headers={"Retry-After": str(retry_after_seconds(err.retry_after))})
+        return _overloaded(err, decoded.encoding)
     except StoreUnavailable as err:
         return _status(503, code_pb2.UNAVAILABLE, f"the store cannot take writes now: {err.message}",
                        decoded.encoding, headers={"Retry-After": str(retry_after_seconds(err.retry_after))})

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tracetape.collector.auth import Principal
-from tracetape.collector.writer import IngestResult
+from tracetape.collector.writer import IngestResult, Reservation
 
 OnStored = Callable[[IngestResult], None]
 """Called (on the event loop) after each committed request, e.g. to wake the forwarder."""
@@ -33,7 +33,10 @@ class Submitter(Protocol):
         tenant: str | None = None,
         size: int | None = None,
         scopes: frozenset[str] | None = None,
+        reservation: Reservation | None = None,
     ) -> IngestResult: ...
+
+    def reserve(self, nbytes: int) -> Reservation: ...
 
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send it as x-api-key or Authorization: Bearer)"
@@ -41,12 +44,17 @@ UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send it as x-api-key or A
 
 
 async def submit_as(
-    writer: Submitter, request: ExportTraceServiceRequest, principal: Principal | None, size: int
+    writer: Submitter,
+    request: ExportTraceServiceRequest,
+    principal: Principal | None,
+    size: int,
+    reservation: Reservation | None = None,
 ) -> IngestResult:
     """`writer.submit`, storing under the authenticated principal's tenant (and scopes) when there is one."""
     if principal is None:
-        return await writer.submit(request, size=size)
-    return await writer.submit(request, tenant=principal.tenant, scopes=principal.scopes, size=size)
+        return await writer.submit(request, size=size, reservation=reservation)
+    return await writer.submit(request, tenant=principal.tenant, scopes=principal.scopes, size=size,
+                               reservation=reservation)
 
 
 @dataclass

@@ -59,6 +59,33 @@ class IngestResult:
 _Item = tuple[Batch, asyncio.AbstractEventLoop, "asyncio.Future[BatchResult]"]
 
 
+class Reservation:
+    """Bytes of the writer's pending budget held for one request: taken before its body is read (so memory
+    is bounded per collector, not per request), grown to its decoded size, released after its commit."""
+
+    __slots__ = ("_writer", "nbytes")
+
+    def __init__(self, writer: StoreWriter, nbytes: int) -> None:
+        self._writer = writer
+        self.nbytes = nbytes
+
+    def grow(self, total: int) -> None:
+        """Hold `total` bytes in all; `Overloaded` (holding what it held) when the budget cannot."""
+        if total > self.nbytes:
+            self._writer._take(total - self.nbytes, held=self.nbytes)
+            self.nbytes = total
+
+    def release(self) -> None:
+        self._writer._give(self.nbytes)
+        self.nbytes = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class StoreWriter:
     """Owns the store's write side for one collector process."""
 
@@ -93,6 +120,25 @@ class StoreWriter:
     def pending_bytes(self) -> int:
         return self._pending
 
+    def reserve(self, nbytes: int) -> Reservation:
+        """Hold `nbytes` of the pending budget for a request about to be read; `Overloaded` when over budget.
+
+        A request is always admitted when nothing else is pending, so one larger than the budget still goes."""
+        self._take(nbytes, held=0)
+        return Reservation(self, nbytes)
+
+    def _take(self, nbytes: int, *, held: int) -> None:
+        with self._pending_lock:
+            others = self._pending - held
+            if others and others + held + nbytes > self.max_pending_bytes:
+                self.stats["overloaded"] += 1
+                raise Overloaded(retry_after=1.0)
+            self._pending += nbytes
+
+    def _give(self, nbytes: int) -> None:
+        with self._pending_lock:
+            self._pending -= nbytes
+
     async def submit(
         self,
         request: ExportTraceServiceRequest,
@@ -100,19 +146,22 @@ class StoreWriter:
         tenant: str | None = None,
         size: int | None = None,
         scopes: frozenset[str] | None = None,
+        reservation: Reservation | None = None,
     ) -> IngestResult:
         """Store `request`'s spans; returns after the commit. `size` is the request's encoded size if known.
 
         `tenant` (an authenticated key's) overrides the tenant the spans claim; with `scopes`, spans in
-        other scopes are rejected (`partial_success`)."""
+        other scopes are rejected (`partial_success`). A receiver that reserved budget before reading the
+        body passes its `reservation` (grown to `size` here, released by the receiver); otherwise `submit`
+        reserves and releases itself."""
         if self._closed or self._thread is None:
             raise StoreUnavailable(1.0, "the collector is shutting down")
         nbytes = size if size is not None else request.ByteSize()
-        with self._pending_lock:
-            if self._pending and self._pending + nbytes > self.max_pending_bytes:
-                self.stats["overloaded"] += 1
-                raise Overloaded(retry_after=1.0)
-            self._pending += nbytes
+        own = reservation is None
+        if reservation is None:
+            reservation = self.reserve(nbytes)
+        else:
+            reservation.grow(nbytes)
         try:
             loop = asyncio.get_running_loop()
             batch = await loop.run_in_executor(self._prepare_pool, ingest.prepare, request, self.store, tenant, scopes)
@@ -120,8 +169,8 @@ class StoreWriter:
             self._queue.put((batch, loop, fut))
             result = await asyncio.shield(fut)
         finally:
-            with self._pending_lock:
-                self._pending -= nbytes
+            if own:
+                reservation.release()
         self.stats["requests"] += 1
         self.stats["spans"] += result.accepted
         self.stats["rejected"] += batch.rejected

@@ -317,3 +317,18 @@ def test_a_request_that_breaks_the_write_fails_alone(store: Store) -> None:
     bad, ok = asyncio.run(scenario())
     assert isinstance(bad, IngestFailed) and ok.accepted == 1
     assert len(store.steps("acme", "prod", RUN)) == 1 and store.run("acme", "prod", "run-bad") is None
+
+
+def test_reservations_bound_the_pending_bytes(store: Store) -> None:
+    writer = StoreWriter(store, max_pending_bytes=1000)
+    first = writer.reserve(5000)  # alone: admitted even over the budget
+    with pytest.raises(Overloaded):
+        writer.reserve(1)
+    first.release()
+    with writer.reserve(600) as second:
+        third = writer.reserve(300)
+        with pytest.raises(Overloaded):
+            second.grow(1100)  # 300 held by another request + 1100 > 1000
+        assert writer.pending_bytes == 900  # the refused growth took nothing
+        third.release()
+    assert writer.pending_bytes == 0
