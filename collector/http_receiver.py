@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from google.rpc import code_pb2
 
@@ -76,6 +77,19 @@ def create_app(
     return app
 
 
+class _ClientProtocolErrors(logging.Filter):
+    """Drops aiohttp's ERROR-with-traceback for requests that are not valid HTTP (a NUL in a header, a bad
+    request line): the client already got its 400, and logging each one would let any client flood the log.
+    Errors raised by tracetape's own handlers are not `HttpProcessingError` and still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_PROTOCOL_NOISE = _ClientProtocolErrors()
+
+
 async def start_http_server(
     app: web.Application, host: str, port: int, *, shutdown_timeout: float = 10.0
 ) -> tuple[web.AppRunner, int]:
@@ -83,6 +97,9 @@ async def start_http_server(
 
     `runner.cleanup()` stops accepting, then waits up to `shutdown_timeout` for in-flight requests.
     """
+    server_log = logging.getLogger("aiohttp.server")
+    if _PROTOCOL_NOISE not in server_log.filters:
+        server_log.addFilter(_PROTOCOL_NOISE)
     runner = web.AppRunner(
         app, auto_decompress=False, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
     )

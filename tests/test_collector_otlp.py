@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -553,3 +554,22 @@ def test_in_flight_requests_finish_when_the_service_stops(tmp_path: Path) -> Non
         assert acknowledged
 
     run(scenario())
+
+
+def test_malformed_http_is_a_400_without_an_error_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Not valid HTTP (a NUL in a header): 400 from the parser, and no ERROR record a client could flood."""
+
+    async def scenario() -> bytes:
+        async with running_collector(collector_config(tmp_path / "db")) as svc:
+            host, port = http_url(svc).split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            answer = await reader.read(1024)
+            writer.close()
+            return answer
+
+    with caplog.at_level(logging.DEBUG):
+        answer = run(scenario())
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"400"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
