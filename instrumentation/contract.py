@@ -117,6 +117,9 @@ TOOL_ARGUMENTS = "tracetape.tool.arguments"  # bytes: canonical JSON of the argu
 TOOL_RESULT = "tracetape.tool.result"  # bytes: JSON of the result
 TOOL_MUTATING = "tracetape.tool.mutating"  # bool
 TOOL_SOURCE = "tracetape.tool.source"  # "decorator" | "context" | "mcp"
+TOOL_REPLAYED = "tracetape.tool.replayed"  # bool: answered from the tape, the body did not run
+TOOL_MUTATION_SUPPRESSED = "tracetape.tool.mutation_suppressed"  # bool: a mutating tool the replay did not run
+EVENT_MUTATION_SUPPRESSED = "tracetape.mutation_suppressed"
 
 PAYLOAD_ATTRIBUTES: tuple[str, ...] = (REQUEST_BODY, RESPONSE_BODY, TOOL_ARGUMENTS, TOOL_RESULT)
 """The attributes whose values are payloads: stored as content-addressed blobs, previewed when forwarded."""

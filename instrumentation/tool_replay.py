@@ -64,6 +64,8 @@ class ToolAnswer:
     error_type: str = ""
     error_message: str = ""
     suppressed_mutation: bool = False
+    replayed_from: str = ""
+    """The recorded attempt's `{trace id hex}-{span id hex}` (`contract.REPLAYED_FROM_HEADER` format)."""
 
     def value(self) -> Any:
         """The recorded result (JSON value), or raise the recorded exception."""
@@ -123,4 +125,5 @@ def answer_tool(ctx: runtime.RunContext, name: str, envelope_hash: str, mutating
         raise ToolReplayError(f"tool {name!r}: unexpected answer from the replayer")
     return ToolAnswer(name=name, step=int(body.get("step", -1)), result=body.get("result"),
                       error_type=str(body.get("error_type") or ""), error_message=str(body.get("error_message") or ""),
-                      suppressed_mutation=bool(body.get("suppressed_mutation")))
+                      suppressed_mutation=bool(body.get("suppressed_mutation")),
+                      replayed_from=str(body.get("replayed_from") or ""))

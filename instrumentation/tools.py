@@ -39,7 +39,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 from opentelemetry import context as context_api
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from tracetape.instrumentation import contract, redaction, runtime
 
@@ -81,18 +81,31 @@ def encode_result(result: Any) -> bytes:
 
 
 def _replayed_result(
-    ctx: runtime.RunContext, name: str, arguments: bytes, envelope_hash: str, mutating: bool
+    ctx: runtime.RunContext, name: str, envelope_hash: str, mutating: bool, span: trace.Span
 ) -> Any:
     """Replay mode: the recorded result of this call (the tool must not run), `NOT_REPLAYED` (run it live),
     or raise: the recorded exception, or `tool_replay.ToolReplayMiss` / `ToolReplayError` (fail-closed).
 
     Asks the replay session at `ctx.replay_url` through `tool_replay.answer_tool`, which also decides
-    whether a mutating tool may run live (`ctx.allow_mutations`).
+    whether a mutating tool may run live (`ctx.allow_mutations`). An answer from the tape is marked on the
+    tool's span (`TOOL_REPLAYED`, a link to the recorded call, and for a mutating tool
+    `TOOL_MUTATION_SUPPRESSED` plus an event), so the replay's trace shows what did not run.
     """
     from tracetape.instrumentation import tool_replay
 
     answer = tool_replay.answer_tool(ctx, name, envelope_hash, mutating)
-    return NOT_REPLAYED if answer is None else answer.value()
+    if answer is None:
+        return NOT_REPLAYED
+    span.set_attribute(contract.TOOL_REPLAYED, True)
+    ids = contract.parse_replayed_from(answer.replayed_from)
+    if ids is not None:
+        span.add_link(SpanContext(trace_id=ids[0], span_id=ids[1], is_remote=True,
+                                  trace_flags=TraceFlags(TraceFlags.SAMPLED)),
+                      {contract.LINK_KIND: contract.LINK_REPLAY_OF})
+    if answer.suppressed_mutation:
+        span.set_attribute(contract.TOOL_MUTATION_SUPPRESSED, True)
+        span.add_event(contract.EVENT_MUTATION_SUPPRESSED, {contract.GEN_AI_TOOL_NAME: name})
+    return answer.value()
 
 
 def _error_type(exc: BaseException) -> str:
@@ -155,7 +168,7 @@ class _Step:
         if self._ctx.mode != runtime.MODE_REPLAY:
             return NOT_REPLAYED
         try:
-            return _replayed_result(self._ctx, self._name, self.arguments_bytes, self.envelope_hash, self._mutating)
+            return _replayed_result(self._ctx, self._name, self.envelope_hash, self._mutating, self.span)
         except BaseException as exc:
             self.fail(exc)
             raise

@@ -147,7 +147,8 @@ async def handle_tool(request: web.Request) -> web.Response:
             return web.json_response({
                 "action": "answer", "step": slot.step_index, "result": result,
                 "error_type": attempt.error_type, "error_message": attempt.error_message,
-                "suppressed_mutation": mutating})
+                "suppressed_mutation": mutating,
+                "replayed_from": f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"})
     if mode == MODE_EXACT or mutating:
         expected = next((i for i, s in enumerate(session.steps)
                          if s.kind == contract.STEP_KIND_TOOL and s.tool_name == name

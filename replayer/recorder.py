@@ -215,7 +215,7 @@ class SessionRecorder:
 
     def mutation_suppressed(self, tool: str, step_index: int) -> None:
         try:
-            self.run_span.add_event("tracetape.mutation_suppressed",
+            self.run_span.add_event(contract.EVENT_MUTATION_SUPPRESSED,
                                     {"gen_ai.tool.name": tool, "tracetape.replay.original_step": step_index})
         except Exception:
             log.exception("recording a suppressed mutation failed")

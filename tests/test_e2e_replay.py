@@ -18,6 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from tests.support import mcp_server
 from tests.support.stack import AGENT, RecordingStack, recording_stack
+from tracetape.collector.ingest import value_of
 from tracetape.instrumentation import contract
 
 
@@ -25,6 +26,18 @@ from tracetape.instrumentation import contract
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingStack]:
     with recording_stack(tmp_path_factory.mktemp("replay-e2e")) as s:
         yield s
+
+
+def attrs_of(span: object) -> dict[str, object]:
+    return {kv.key: value_of(kv.value) for kv in span.attributes}  # type: ignore[attr-defined]
+
+
+def store_steps_of(stack: RecordingStack, run_id: str) -> list:
+    store = stack.store()
+    try:
+        return store.steps("default", "default", run_id)
+    finally:
+        store.close()
 
 
 def test_exact_replay_of_a_recorded_agent(stack: RecordingStack, tmp_path: Path) -> None:
@@ -68,7 +81,17 @@ def test_exact_replay_of_a_recorded_agent(stack: RecordingStack, tmp_path: Path)
     finally:
         store.close()
     linked = {(bytes(link.trace_id), bytes(link.span_id)) for span in replay_spans for link in span.links}
-    assert len(replayed_models) == len(originals) and linked == originals
+    tool_originals = {(a.trace_id, a.span_id) for st in store_steps_of(stack, "rec-1") if st.kind == "tool"
+                      for a in st.attempts}
+    assert len(replayed_models) == len(originals) and linked == originals | tool_originals
+    # the trace shows which tools were answered from the tape, and the mutation that did not happen
+    tool_spans = {attrs_of(s)[contract.GEN_AI_TOOL_NAME]: s for s in replay_spans
+                  if contract.GEN_AI_TOOL_NAME in attrs_of(s)}
+    assert set(tool_spans) == {"lookup_fact", "save_note", "add"}
+    assert all(attrs_of(s)[contract.TOOL_REPLAYED] for s in tool_spans.values())
+    assert attrs_of(tool_spans["save_note"])[contract.TOOL_MUTATION_SUPPRESSED] is True
+    assert [e.name for e in tool_spans["save_note"].events] == [contract.EVENT_MUTATION_SUPPRESSED]
+    assert contract.TOOL_MUTATION_SUPPRESSED not in attrs_of(tool_spans["lookup_fact"])
     assert all(not any(n == contract.REPLAYED_FROM_HEADER for n, _ in a.response_headers)
                for st in replayed_models for a in st.attempts)
 
