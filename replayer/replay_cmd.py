@@ -67,7 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _split_command(args: argparse.Namespace) -> list[str]:
     """argparse's REMAINDER also takes the options written after RUN: parse those, return CMD (after `--`)."""
     rest = list(args.cmd or [])
-    if "--" in rest:
+    command = getattr(args, "after_dashdash", None)
+    if command is not None:  # the dispatcher saw `--`: REMAINDER ends with exactly these tokens
+        before = rest[: len(rest) - len(command)]
+        if before and before[-1] == "--":
+            before = before[:-1]
+    elif "--" in rest:
         cut = rest.index("--")
         before, command = rest[:cut], rest[cut + 1:]
     else:

@@ -156,3 +156,9 @@ def test_replay_runs_a_command_against_the_tape(recorded: tuple[Path, Standin, l
     assert result["report"]["counts"]["tape"] == 3 and result["report"]["counts"]["misses"] == 0
     assert [line for line in out.stderr.decode().splitlines() if line in answers] == answers
     assert standin.count == before
+    # the README's form: `--` straight after RUN (argparse itself swallows that `--`), command options intact
+    out = cli("replay", "run-a", "--", sys.executable, "-W", "ignore", str(agent), data=data,
+              env={"TRACETAPE_DATA": str(data)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [line for line in out.stdout.decode().splitlines() if line in answers] == answers
+    assert standin.count == before

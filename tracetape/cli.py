@@ -1,6 +1,7 @@
 """The `tracetape` command: dispatches to the subcommand's module, importing only that one.
 
-Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (the exit status). A
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (the exit status);
+`args.after_dashdash` is the argv after the first `--` (None without one), for commands that run a command. A
 `CliError` raised by a subcommand becomes one line on stderr (`tracetape: ...`) and exit status 2, or its
 own `exit_code`; with `--json` the same message is printed as `{"error": ...}` on stdout.
 """
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add(parser)
     args = parser.parse_args(rest)
     args.command = name
+    # argparse drops a `--` that directly follows a positional; keep exactly what came after the first one
+    args.after_dashdash = rest[rest.index("--") + 1:] if "--" in rest else None
     handler = getattr(module, f"run_{name}", None) or module.run
     try:
         return int(handler(args) or 0)
