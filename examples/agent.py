@@ -24,7 +24,7 @@ import tracetape
 
 TOPIC = os.environ.get("AGENT_TOPIC", "the tides")
 OPENAI_MODEL = os.environ.get("AGENT_OPENAI_MODEL", "gpt-4o-mini")
-ANTHROPIC_MODEL = os.environ.get("AGENT_ANTHROPIC_MODEL", "claude-sonnet-4-5")
+ANTHROPIC_MODEL = os.environ.get("AGENT_ANTHROPIC_MODEL", "claude-sonnet-5")
 
 
 @tracetape.tool(mutating=False)

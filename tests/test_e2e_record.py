@@ -103,7 +103,7 @@ def test_envelope_hashes_are_stable_and_local(stack: RecordingStack, first_run) 
     _, steps, _, _ = first_run
     first = [s.envelope_hash for s in steps]
     assert _hashes(stack, "e2e-again") == first
-    changed = _hashes(stack, "e2e-changed", AGENT_ANTHROPIC_MODEL="claude-sonnet-4-6")
+    changed = _hashes(stack, "e2e-changed", AGENT_ANTHROPIC_MODEL="claude-opus-5")
     # the model name is in the three anthropic requests only: exactly those three hashes change
     assert sum(a != b for a, b in zip(first, changed)) == 3
     topic = _hashes(stack, "e2e-topic", AGENT_TOPIC="the tidez")
