@@ -7,7 +7,8 @@ Contract:
 - Readers never block and never hold a transaction between calls. Other processes may open the same path
   (`readonly=True`) while the collector writes; when the writer has grown the map they adopt the new size.
 - The map grows (doubling, up to `max_map_size`) instead of failing with MDB_MAP_FULL; only when it cannot
-  grow any more does `apply` raise `StoreFull`, with the store intact.
+  grow any more, or the disk is full, does `apply` raise `StoreFull`, with the store intact (the failed
+  transaction is aborted; LMDB's copy-on-write pages leave the last commit as it was).
 - Key layout: `collector/keys.py`. Records: `collector/records.py`. Blobs: 1 codec byte + data.
 """
 
@@ -241,14 +242,23 @@ class Store:
         with self._write_lock:
             while True:
                 try:
-                    with self.env.begin(write=True) as txn:
-                        return body(txn)
+                    txn = self.env.begin(write=True)
+                    try:
+                        result = body(txn)
+                    except BaseException:
+                        txn.abort()
+                        raise
+                    try:
+                        txn.commit()
+                    except (lmdb.MapFullError, lmdb.MapResizedError):
+                        raise
+                    except (OSError, lmdb.Error) as err:  # a full disk: ENOSPC, or EIO from mdb_txn_commit
+                        raise StoreFull(f"the store cannot write (disk full?): {err}") from err
+                    return result
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.MapResizedError:
                     self.env.set_mapsize(0)
-                except OSError as err:  # ENOSPC and friends on commit
-                    raise StoreFull(f"the store cannot write: {err}") from err
 
     # ----------------------------------------------------------------------------------------------
     # writing
