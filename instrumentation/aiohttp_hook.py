@@ -27,14 +27,14 @@ import weakref
 from typing import Any
 
 from tracetape.instrumentation import contract, runtime
+from tracetape.instrumentation.patching import Patches
 from tracetape.instrumentation.requests_hook import host_recorded
 from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
 
-_ORIGINAL = "__tracetape_original__"
 _ATTEMPT = "_tracetape_attempt"
 _TEE = "_tracetape_tee"
 _DECODED = ("gzip", "deflate", "br", "zstd", "x-gzip")
-_patched: list[tuple[type, str, Any]] = []
+_patches = Patches()
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -207,7 +207,6 @@ def _send_wrapper(original: Any) -> Any:
         resp.__dict__[_ATTEMPT] = (attempt, bool(getattr(session, "auto_decompress", True)))
         return resp
 
-    setattr(send, _ORIGINAL, original)
     return send
 
 
@@ -238,7 +237,6 @@ def _start_wrapper(original: Any) -> Any:
             attempt.finish(contract.END_CLOSED)
         return result
 
-    setattr(start, _ORIGINAL, original)
     return start
 
 
@@ -257,16 +255,7 @@ def _closing_wrapper(original: Any) -> Any:
         finally:
             tee.end(contract.END_EXHAUSTED if at_end else contract.END_CLOSED)
 
-    setattr(closing, _ORIGINAL, original)
     return closing
-
-
-def _patch(cls: type, name: str, make: Any) -> None:
-    current = cls.__dict__.get(name)
-    if current is None or hasattr(current, _ORIGINAL):
-        return
-    setattr(cls, name, make(current))
-    _patched.append((cls, name, current))
 
 
 def instrument() -> None:
@@ -275,15 +264,11 @@ def instrument() -> None:
         from aiohttp.client_reqrep import ClientRequest, ClientResponse
     except ImportError:
         return
-    _patch(ClientRequest, "send", _send_wrapper)
-    _patch(ClientResponse, "start", _start_wrapper)
-    _patch(ClientResponse, "close", _closing_wrapper)
-    _patch(ClientResponse, "release", _closing_wrapper)
+    _patches.patch(ClientRequest, "send", _send_wrapper)
+    _patches.patch(ClientResponse, "start", _start_wrapper)
+    _patches.patch(ClientResponse, "close", _closing_wrapper)
+    _patches.patch(ClientResponse, "release", _closing_wrapper)
 
 
 def uninstrument() -> None:
-    while _patched:
-        cls, name, original = _patched.pop()
-        current = cls.__dict__.get(name)
-        if current is not None and getattr(current, _ORIGINAL, None) is original:
-            setattr(cls, name, original)
+    _patches.restore()

@@ -26,12 +26,12 @@ from types import ModuleType
 from typing import Any
 
 from tracetape.instrumentation import contract, runtime
+from tracetape.instrumentation.patching import Patches
 from tracetape.instrumentation.capture import tee_stream
 from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
 
 _MODULES = ("httpx2", "httpx")
-_ORIGINAL = "__tracetape_original__"
-_patched: list[tuple[type, str, Any]] = []
+_patches = Patches()
 
 
 _SDK_HEADERS = ("x-stainless-lang", "x-stainless-retry-count", "anthropic-version", "openai-beta")
@@ -119,7 +119,6 @@ def _sync_wrapper(original: Any, module: ModuleType) -> Any:
         _wrap_response(attempt, response, module)
         return response
 
-    setattr(handle_request, _ORIGINAL, original)
     return handle_request
 
 
@@ -144,16 +143,7 @@ def _async_wrapper(original: Any, module: ModuleType) -> Any:
         _wrap_response(attempt, response, module)
         return response
 
-    setattr(handle_async_request, _ORIGINAL, original)
     return handle_async_request
-
-
-def _patch(cls: type, name: str, make: Any, module: ModuleType) -> None:
-    current = cls.__dict__.get(name)
-    if current is None or hasattr(current, _ORIGINAL):
-        return
-    setattr(cls, name, make(current, module))
-    _patched.append((cls, name, current))
 
 
 def instrument() -> None:
@@ -163,18 +153,14 @@ def instrument() -> None:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        _patch(module.HTTPTransport, "handle_request", _sync_wrapper, module)
-        _patch(module.AsyncHTTPTransport, "handle_async_request", _async_wrapper, module)
+        _patches.patch(module.HTTPTransport, "handle_request", lambda f, m=module: _sync_wrapper(f, m))
+        _patches.patch(module.AsyncHTTPTransport, "handle_async_request", lambda f, m=module: _async_wrapper(f, m))
 
 
 def uninstrument() -> None:
     """Restore the original transport methods."""
-    while _patched:
-        cls, name, original = _patched.pop()
-        current = cls.__dict__.get(name)
-        if current is not None and getattr(current, _ORIGINAL, None) is original:
-            setattr(cls, name, original)
+    _patches.restore()
 
 
 def is_instrumented() -> bool:
-    return bool(_patched)
+    return bool(_patches)

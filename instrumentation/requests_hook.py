@@ -22,10 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tracetape.instrumentation import contract, runtime
+from tracetape.instrumentation.patching import Patches
 from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
 
-_ORIGINAL = "__tracetape_original__"
-_patched: list[tuple[type, str, Any]] = []
+_patches = Patches()
 _ATTEMPT = "_tracetape_attempt"
 _FINALIZER = "_tracetape_finalizer"
 _BUSY = "_tracetape_busy"
@@ -204,7 +204,6 @@ def _wrapper(original: Any) -> Any:
             attempt.finish(contract.END_CLOSED)
         return response
 
-    setattr(send, _ORIGINAL, original)
     return send
 
 
@@ -214,16 +213,8 @@ def instrument() -> None:
         from requests.adapters import HTTPAdapter
     except ImportError:
         return
-    current = HTTPAdapter.__dict__.get("send")
-    if current is None or hasattr(current, _ORIGINAL):
-        return
-    HTTPAdapter.send = _wrapper(current)  # type: ignore[method-assign]
-    _patched.append((HTTPAdapter, "send", current))
+    _patches.patch(HTTPAdapter, "send", _wrapper)
 
 
 def uninstrument() -> None:
-    while _patched:
-        cls, name, original = _patched.pop()
-        current = cls.__dict__.get(name)
-        if current is not None and getattr(current, _ORIGINAL, None) is original:
-            setattr(cls, name, original)
+    _patches.restore()

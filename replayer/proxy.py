@@ -27,7 +27,7 @@ from tracetape.replayer import forward, miss, tape
 from tracetape.replayer.envelopes import received_envelope
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.matching import HIT, MISS
-from tracetape.replayer.session import MODE_EXACT, MODE_LIVE, ReplaySession
+from tracetape.replayer.session import MODE_EXACT, MODE_LIVE
 from tracetape.replayer.state import ReplayerState
 
 STATE_KEY: web.AppKey[ReplayerState] = web.AppKey("tracetape_replayer_state", ReplayerState)
