@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import RESULTS, Ctx, machine, table
 
-BENCHES = ("ingest", "storage", "overhead")  # replay (items 1-2): not written yet
+BENCHES = ("ingest", "storage", "overhead", "replay")
 
 
 def main(argv: list[str] | None = None) -> int:
