@@ -90,6 +90,13 @@ class _ClientProtocolErrors(logging.Filter):
 _PROTOCOL_NOISE = _ClientProtocolErrors()
 
 
+def quiet_client_protocol_errors() -> None:
+    """Install the filter on aiohttp's server logger (idempotent); every tracetape HTTP server calls it."""
+    server_log = logging.getLogger("aiohttp.server")
+    if _PROTOCOL_NOISE not in server_log.filters:
+        server_log.addFilter(_PROTOCOL_NOISE)
+
+
 async def start_http_server(
     app: web.Application, host: str, port: int, *, shutdown_timeout: float = 10.0
 ) -> tuple[web.AppRunner, int]:
@@ -97,9 +104,7 @@ async def start_http_server(
 
     `runner.cleanup()` stops accepting, then waits up to `shutdown_timeout` for in-flight requests.
     """
-    server_log = logging.getLogger("aiohttp.server")
-    if _PROTOCOL_NOISE not in server_log.filters:
-        server_log.addFilter(_PROTOCOL_NOISE)
+    quiet_client_protocol_errors()
     runner = web.AppRunner(
         app, auto_decompress=False, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
     )

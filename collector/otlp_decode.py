@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
-import zlib
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -34,12 +32,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tracetape.instrumentation import encodings
+
 PROTOBUF: Literal["protobuf"] = "protobuf"
 JSON: Literal["json"] = "json"
 Encoding = Literal["protobuf", "json"]
 CONTENT_TYPES: dict[str, str] = {PROTOBUF: "application/x-protobuf", JSON: "application/json"}
 CONTENT_ENCODINGS = ("identity", "gzip", "x-gzip", "deflate", "zstd")
-_CHUNK = 256 * 1024
 
 
 class DecodeFailure(Exception):
@@ -99,73 +98,14 @@ def response_encoding(content_type: str | None) -> Encoding:
 
 def decompress(body: bytes, content_encoding: str | None, max_size: int) -> bytes:
     """`body` decoded per Content-Encoding (a comma list, applied in order), never more than `max_size`."""
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
-    data = body
-    for coding in reversed(codings):
-        if coding == "identity":
-            continue
-        if coding in ("gzip", "x-gzip"):
-            data = _inflate(data, zlib.MAX_WBITS | 16, max_size, coding)
-        elif coding == "deflate":
-            # RFC 9110 deflate is zlib-wrapped; some clients send raw DEFLATE. Tell them apart by the header.
-            zlib_header = len(data) >= 2 and (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
-            data = _inflate(data, zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS, max_size, coding)
-        elif coding == "zstd":
-            data = _unzstd(data, max_size)
-        else:
-            raise UnsupportedMediaType(
-                f"unsupported content encoding {coding[:50]!r}: use gzip, deflate, zstd or identity"
-            )
-    if len(data) > max_size:
-        raise TooLarge(f"request body is over the {max_size}-byte limit")
-    return data
-
-
-def _inflate(data: bytes, wbits: int, max_size: int, coding: str) -> bytes:
-    """Streaming zlib inflation with a hard output cap; concatenated gzip members are all decoded."""
-    out = bytearray()
-    remaining = data
-    while True:
-        d = zlib.decompressobj(wbits)
-        pending = remaining
-        try:
-            while pending:
-                out += d.decompress(pending, max_size + 1 - len(out))
-                if len(out) > max_size:
-                    raise TooLarge(f"request body inflates to more than the {max_size}-byte limit")
-                pending = d.unconsumed_tail
-                if d.eof:
-                    break
-            if not d.eof:
-                # Flush whatever is buffered; a stream that still has not ended is truncated.
-                out += d.flush()
-                if len(out) > max_size:
-                    raise TooLarge(f"request body inflates to more than the {max_size}-byte limit")
-                if not d.eof:
-                    raise Undecodable(f"{coding} body is truncated")
-        except zlib.error:
-            raise Undecodable(f"{coding} body is corrupt") from None
-        remaining = d.unused_data
-        if not remaining or wbits != zlib.MAX_WBITS | 16 or remaining.strip(b"\x00") == b"":
-            return bytes(out)
-
-
-def _unzstd(data: bytes, max_size: int) -> bytes:
-    import zstandard
-
-    out = bytearray()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
-            while True:
-                chunk = reader.read(min(_CHUNK, max_size + 1 - len(out)))
-                if not chunk:
-                    break
-                out += chunk
-                if len(out) > max_size:
-                    raise TooLarge(f"request body inflates to more than the {max_size}-byte limit")
-    except zstandard.ZstdError:
-        raise Undecodable("zstd body is corrupt") from None
-    return bytes(out)
+        return encodings.decode(body, content_encoding, max_size)
+    except encodings.InflatesTooLarge as err:
+        raise TooLarge(f"request {err}") from None
+    except encodings.UnknownEncoding as err:
+        raise UnsupportedMediaType(str(err)) from None
+    except encodings.CorruptEncoding as err:
+        raise Undecodable(str(err)) from None
 
 
 # --- requests -----------------------------------------------------------------------------------------------

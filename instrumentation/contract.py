@@ -27,8 +27,8 @@ Envelope hash
 -------------
 `sha256` (hex) of the canonical JSON of the request's envelope (profile `CANON_PROFILE`):
 `{"v":1,"kind":"http","method":M,"path":P,"query":[[k,v],...],"headers":[[k,v],...],"body":B}` with keys
-sorted, no insignificant whitespace, arrays in order; `P` the URL path with repeated `/` collapsed and no
-trailing `/`; `query` sorted pairs; `headers` only the `SEMANTIC_HEADERS`, lower-case, sorted; `B` the
+sorted, no insignificant whitespace, arrays in order; `P` the URL path (secrets masked) with repeated `/`
+collapsed and no trailing `/`; `query` sorted pairs; `headers` only the `SEMANTIC_HEADERS`, lower-case, sorted; `B` the
 parsed JSON body (object keys sorted, numbers as parsed), `null` when empty, or `{"$sha256": hex}` of the
 raw bytes when the body is not JSON. A tool's envelope is `{"v":1,"kind":"tool","name":N,"arguments":A}`.
 Redaction is applied to the body before hashing, so a replayer hashing a live request redacts it first.
@@ -46,7 +46,7 @@ import msgspec
 
 from tracetape.instrumentation import redaction
 
-CANON_PROFILE = "tracetape.envelope/1"
+CANON_PROFILE = "tracetape.envelope/2"
 """Version of the canonicalisation below; recorded on every run and every step."""
 
 # --- attribute names: every span -------------------------------------------------------------------
@@ -198,8 +198,17 @@ def canonical_query(query: str | bytes) -> list[list[str]]:
 
 
 def canonical_headers(headers: Iterable[tuple[str, str]]) -> list[list[str]]:
-    """The semantic request headers as sorted `[name, value]` pairs, names lower-case."""
-    return sorted([n.lower(), v] for n, v in headers if n.lower() in SEMANTIC_HEADERS)
+    """The semantic request headers as sorted `[name, value]` pairs, names lower-case; a value that is not
+    valid UTF-8 (a server decodes it with surrogate escapes) has the invalid bytes replaced."""
+    return sorted([n.lower(), _valid_text(v)] for n, v in headers if n.lower() in SEMANTIC_HEADERS)
+
+
+def _valid_text(value: str) -> str:
+    try:
+        value.encode()
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def canonical_body(body: bytes) -> Any:
@@ -208,7 +217,7 @@ def canonical_body(body: bytes) -> Any:
         return None
     try:
         return _decode_json(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # not JSON, or nested past the decoder
         return {"$sha256": hashlib.sha256(body).hexdigest()}
 
 
@@ -229,7 +238,7 @@ def http_envelope(
         "v": 1,
         "kind": "http",
         "method": method.upper(),
-        "path": normalize_path(path),
+        "path": normalize_path(redaction.redact_text(path)),
         "query": canonical_query(query),
         "headers": canonical_headers(headers),
         "body": canonical_body(body) if parsed_body is msgspec.UNSET else parsed_body,

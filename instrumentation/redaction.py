@@ -6,6 +6,8 @@ Contract:
   (stream chunk boundaries) and the JSON shape of the body are preserved. A masked key keeps its
   first four characters (`sk-a****…`), enough to tell which key family it was, never enough to use it.
 - `redact_text` does the same for strings (URLs, error messages, tool arguments).
+- `redact_encoded` does it for a compressed response body: inflated to be scanned, and stored decoded
+  (identity) only when it held a secret.
 
 Extra patterns come from `TRACETAPE_REDACT_PATTERNS` (a `;`-separated list of regular expressions). The
 process's own tracetape key (`TRACETAPE_API_KEY`, 8 characters or more) is always masked too, wherever the
@@ -129,6 +131,25 @@ def redact_text(text: str) -> str:
         if rule.text_re.search(out) is not None:
             out = rule.text_re.sub(_mask_text, out)
     return out
+
+
+MAX_INFLATE = 64 << 20
+"""The most a compressed body is inflated to be scanned; a larger one is kept as it came."""
+
+
+def redact_encoded(body: bytes, encoding: str) -> tuple[bytes, str]:
+    """A content-encoded body (gzip, deflate, zstd) scanned for secrets: `(body, encoding)` unchanged when it
+    holds none (the wire bytes are kept), else `(decoded body with secrets masked, "")`.
+
+    A body in an encoding this cannot read (br), or inflating past `MAX_INFLATE`, is returned unchanged."""
+    from tracetape.instrumentation import encodings
+
+    try:
+        decoded = encodings.decode(body, encoding, MAX_INFLATE)
+    except encodings.EncodingError:  # br, corrupt, or too large to scan: kept as it came
+        return body, encoding
+    redacted = redact_body(decoded)
+    return (body, encoding) if redacted is decoded else (redacted, "")
 
 
 def drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from tracetape.instrumentation import contract
+from tracetape.instrumentation import contract, redaction
 
 RUN_START_SPAN_NAME = "tracetape.run.start"
 OPERATION_INVOKE_AGENT = "invoke_agent"
@@ -119,7 +119,7 @@ def start_run(
     now = time.time_ns()
     common = {
         contract.GEN_AI_AGENT_NAME: agent,
-        contract.RUN_COMMAND: [str(a) for a in command],
+        contract.RUN_COMMAND: [redaction.redact_text(str(a)) for a in command],  # `--api-key sk-...` happens
         contract.RUN_CANON_PROFILE: contract.CANON_PROFILE,
         **replay_lineage(os.environ if environ is None else environ),
     }

@@ -251,10 +251,15 @@ class HttpAttempt:
         span = self.span
         try:
             attrs = self._response_attrs
-            chunks = self._chunks
+            chunks, times = self._chunks, self._times
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if not self._encoding:
                 body = redaction.redact_body(body)
+            else:
+                body, encoding = redaction.redact_encoded(body, self._encoding)
+                if encoding != self._encoding:  # stored decoded to mask a secret: one identity chunk
+                    attrs[contract.RESPONSE_CONTENT_ENCODING] = encoding
+                    chunks, times = [body], times[-1:]
             attrs[contract.RESPONSE_BODY] = bytes(body)
             attrs[contract.RESPONSE_BYTES_READ] = len(body)
             attrs[contract.STREAM_END_REASON] = end_reason
@@ -266,7 +271,7 @@ class HttpAttempt:
                     ends.append(total)
                 t0 = self._t0
                 attrs[contract.RESPONSE_CHUNK_ENDS] = ends
-                attrs[contract.RESPONSE_CHUNK_TIMES_US] = [(t - t0) // 1000 for t in self._times]
+                attrs[contract.RESPONSE_CHUNK_TIMES_US] = [(t - t0) // 1000 for t in times]
             if error is not None:
                 message = redaction.redact_text(str(error))
                 attrs[contract.ERROR_TYPE] = error_type(error)

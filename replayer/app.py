@@ -35,8 +35,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tracetape.collector.auth import Principal, presented_key
+from tracetape.instrumentation import redaction
 from tracetape.replayer import proxy
-from tracetape.replayer.errors import ApiError
+from tracetape.replayer.errors import ApiError, read_json
 from tracetape.replayer.proxy import STATE_KEY
 from tracetape.replayer.session import ReplaySession, SessionOptions, open_session
 from tracetape.replayer.state import ReplayerState
@@ -44,7 +45,6 @@ from tracetape.replayer.state import ReplayerState
 log = logging.getLogger("tracetape.replayer")
 
 DEFAULT_CLIENT_MAX_SIZE = 64 << 20
-MAX_API_BODY = 64 << 10
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,10 +60,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status, "http_error")
         return web.json_response({"error": code, "message": err.reason}, status=err.status)
-    except (ConnectionError, web.RequestPayloadError):
+    except web.RequestPayloadError:  # a body that does not decode as its Content-Encoding: the client's mistake
+        return web.json_response({"error": "bad_request", "message": "the request body could not be read"},
+                                 status=400)
+    except ConnectionError:
         raise
     except Exception:
-        log.exception("replayer request failed: %s %s", request.method, request.rel_url.raw_path[:200])
+        log.exception("replayer request failed: %s %s", request.method,
+                      redaction.redact_text(request.rel_url.raw_path[:200]))
         return web.json_response({"error": "internal"}, status=500)
 
 
@@ -97,13 +101,7 @@ def _base_urls(request: web.Request, state: ReplayerState, sid: str) -> dict[str
 async def create_session(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     principal = _principal(request, state)
-    if request.content_length is not None and request.content_length > MAX_API_BODY:
-        raise ApiError(413, "request_too_large", f"at most {MAX_API_BODY} bytes")
-    try:
-        data = await request.json()
-    except ValueError as err:
-        raise ApiError(400, "bad_request", "the body must be a JSON object") from err
-    options = SessionOptions.from_json(data)
+    options = SessionOptions.from_json(await read_json(request))
     session = open_session(state.store(), options, principal)
     if options.record and state.recorder is not None:
         api_key = presented_key(request.headers) if principal is not None else None  # the replay goes with it
@@ -155,6 +153,7 @@ async def health(request: web.Request) -> web.Response:
 
 def make_app(state: ReplayerState, *, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
     app = web.Application(client_max_size=client_max_size, middlewares=[json_errors])
+    app[proxy.MAX_BODY_KEY] = client_max_size
     app[STATE_KEY] = state
     app.router.add_post("/v1/replay/sessions", create_session)
     app.router.add_get("/v1/replay/sessions", list_sessions)

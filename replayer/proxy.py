@@ -16,8 +16,12 @@ Contract (per request; the session's mode decides):
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 import msgspec
 from aiohttp import web
@@ -25,12 +29,14 @@ from aiohttp import web
 from tracetape.instrumentation import contract
 from tracetape.replayer import forward, miss, tape
 from tracetape.replayer.envelopes import received_envelope
-from tracetape.replayer.errors import ApiError
+from tracetape.replayer.errors import ApiError, decoded_body, read_json
 from tracetape.replayer.matching import HIT, MISS
 from tracetape.replayer.session import MODE_EXACT, MODE_LIVE
 from tracetape.replayer.state import ReplayerState
 
 STATE_KEY: web.AppKey[ReplayerState] = web.AppKey("tracetape_replayer_state", ReplayerState)
+MAX_BODY_KEY: web.AppKey[int] = web.AppKey("tracetape_replayer_max_body", int)
+"""The largest request body, as sent and decoded (the app's `client_max_size`)."""
 
 NO_RETRY = {"x-should-retry": "false"}
 """Tells the provider SDKs (which retry 409) that retrying a miss is pointless."""
@@ -44,16 +50,34 @@ def _raw_tail(request: web.Request) -> str:
     return m.group(1) if m else ""
 
 
+OFF_LOOP_BYTES = 1 << 20
+"""Bodies at least this large are canonicalised, hashed and diffed in a worker thread, not on the event loop
+(where a 32 MiB body held every other session for seconds)."""
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size < OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _hashed_envelope(method: str, path: str, query: str, headers: list[tuple[str, str]],
+                     body: bytes) -> tuple[dict[str, Any], bytes, str]:
+    envelope, redacted = received_envelope(method, path, query, headers, body)
+    return envelope, redacted, contract.envelope_hash(envelope)
+
+
 async def handle_proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     session = state.sessions.get(request.match_info["sid"])
     profile = state.profile(request.match_info["profile"])
     tail = _raw_tail(request)
     query = request.rel_url.raw_query_string
-    body = await request.read()
+    raw = await request.read()  # as sent: forwarded upstream unchanged, with its Content-Encoding
+    body = decoded_body(raw, request.headers.get("Content-Encoding"), request.app[MAX_BODY_KEY])
     headers = list(request.headers.items())
-    envelope, redacted = received_envelope(request.method, profile.envelope_path(tail), query, headers, body)
-    env_hash = contract.envelope_hash(envelope)
+    envelope, redacted, env_hash = await _off_loop(
+        len(body), _hashed_envelope, request.method, profile.envelope_path(tail), query, headers, body)
     session.coverage.request()
     provider = profile.name if profile.name in ("openai", "anthropic") else (
         contract.detect_provider(request.host, headers) or "")
@@ -71,7 +95,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     async def go_live(slot: Any = None) -> web.StreamResponse:
         if state.client is None:
             raise ApiError(503, "no_upstream_client", "the replayer has no upstream client")
-        resp, outcome = await forward.forward(request, state.client, profile, tail, query, body)
+        resp, outcome = await forward.forward(request, state.client, profile, tail, query, raw)
         session.coverage.live({"method": request.method, "path": envelope["path"], "envelope_hash": env_hash,
                                "status": outcome.status,
                                "matched_step": slot.step_index if slot is not None else None},
@@ -98,7 +122,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             return resp
         return await go_live(slot)
 
-    diagnostics = miss.miss_body(session, envelope, env_hash, claim)
+    diagnostics = await _off_loop(len(body), miss.miss_body, session, envelope, env_hash, claim)
     event = {k: diagnostics[k] for k in ("error", "expected_step", "received_envelope_hash", "received")}
     event["diff"] = diagnostics["diff"][:5]
     if session.options.mode == MODE_EXACT:
@@ -115,10 +139,7 @@ _decode_tool = msgspec.json.Decoder().decode
 async def handle_tool(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     session = state.sessions.get(request.match_info["sid"])
-    try:
-        data = await request.json()
-    except ValueError as err:
-        raise ApiError(400, "bad_request", "the body must be JSON") from err
+    data = await read_json(request)
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(
             data.get("envelope_hash"), str) or not _HEX64.fullmatch(data["envelope_hash"]):
         raise ApiError(400, "bad_request", "give name (string) and envelope_hash (sha256 hex)")

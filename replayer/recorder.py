@@ -179,7 +179,12 @@ class SessionRecorder:
         if encoding == "identity":
             encoding = ""
         streamed = content_type.startswith("text/event-stream")
-        resp_body = outcome.body if encoding else redaction.redact_body(outcome.body)
+        decoded = False
+        if encoding:
+            resp_body, stored_encoding = redaction.redact_encoded(outcome.body, encoding)
+            decoded, encoding = stored_encoding != encoding, stored_encoding
+        else:
+            resp_body = redaction.redact_body(outcome.body)
         attrs: dict[str, Any] = {
             **self.base,
             contract.SPAN_KIND: contract.SPAN_KIND_STEP, contract.STEP_ID: step_id,
@@ -197,9 +202,10 @@ class SessionRecorder:
                 contract.RESPONSE_BODY: resp_body, contract.RESPONSE_BYTES_READ: len(resp_body),
                 contract.RESPONSE_CONTENT_ENCODING: encoding, contract.RESPONSE_STREAMED: streamed,
             })
-            if streamed:
-                attrs[contract.RESPONSE_CHUNK_ENDS] = list(outcome.chunk_ends)
-                attrs[contract.RESPONSE_CHUNK_TIMES_US] = list(outcome.chunk_times_us)
+            if streamed:  # decoded to mask a secret: one identity chunk
+                attrs[contract.RESPONSE_CHUNK_ENDS] = [len(resp_body)] if decoded else list(outcome.chunk_ends)
+                attrs[contract.RESPONSE_CHUNK_TIMES_US] = (list(outcome.chunk_times_us[-1:]) if decoded
+                                                           else list(outcome.chunk_times_us))
         attrs.update(contract.genai_request_attributes(kind, provider, model))
         if outcome.error_type:
             attrs[contract.ERROR_TYPE] = outcome.error_type

@@ -25,6 +25,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracetape.collector.auth import Authenticator, authenticator_from_file
+from tracetape.collector.http_receiver import quiet_client_protocol_errors
 from tracetape.collector.store import Store
 from tracetape.errors import CliError
 from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
@@ -88,7 +89,10 @@ class ReplayerService:
                         "recorded run (give --api-keys FILE)", self.host)
         self.state.client = new_client()
         app = make_app(self.state, client_max_size=self.client_max_size)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # auto_decompress off: aiohttp would inflate request bodies before any limit applies (a gzip bomb);
+        # the handlers decode them with a cap (errors.decoded_body)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+        quiet_client_protocol_errors()
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:

@@ -97,6 +97,8 @@ async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: byte
                           error_message=attempt.error_message, started_ns=started_ns, ended_ns=time.time_ns())
         return web.Response(status=499), outcome  # never sent: the connection is gone
     headers = response_headers(attempt.response_headers)
+    if not attempt.content_encoding:  # the body was stored decoded (a masked secret, or an aiohttp recording)
+        headers.popall("content-encoding", None)
     outcome = Outcome(attempt.status, list(headers.items()), body, started_ns=started_ns,
                       end_reason=attempt.end_reason or contract.END_EXHAUSTED)
     headers[contract.REPLAYED_FROM_HEADER] = f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"  # lineage only
