@@ -431,7 +431,24 @@ class Store:
         if tenant is not None and scope is not None:
             found = self.run(tenant, scope, run_id)
             return [found] if found else []
-        return [r for r in self.runs(tenant) if r.run_id == run_id]
+        # One point read per (tenant, scope) present, jumping over each one's runs: O(tenant/scope pairs),
+        # not O(runs) (ids never hold bytes below \x01, so `T \0 S \x01` sorts after every `T \0 S \0 run`).
+        out: list[RunRecord] = []
+        start = b"" if tenant is None else tenant.encode() + keys.SEP
+        with self._read() as txn:
+            db = self._dbs["runs"]
+            cur = txn.cursor(db=db)
+            ok = cur.set_range(start)
+            while ok:
+                key = cur.key()
+                if not key.startswith(start):
+                    break
+                t, s, _ = key.split(keys.SEP, 2)
+                raw = txn.get(t + keys.SEP + s + keys.SEP + run_id.encode(), db=db)
+                if raw is not None:
+                    out.append(records.decode_run(raw))
+                ok = cur.set_range(t + keys.SEP + s + b"\x01")
+        return out
 
     def steps(self, tenant: str, scope: str, run_id: str) -> list[StepRecord]:
         """A run's steps in issue order (index = position)."""
@@ -495,6 +512,16 @@ class Store:
 
     def get(self, table: str, key: bytes) -> bytes | None:
         """The stored value under `key` in `table` (blobs in their stored form), or None."""
+        if self.readonly:  # nothing in this process resizes a read-only map (no `_grow`): the gate is moot
+            try:
+                txn = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+                txn = self.env.begin(buffers=False)
+            try:
+                return txn.get(key, db=self._dbs[table])
+            finally:
+                txn.abort()
         with self._read() as txn:
             return txn.get(key, db=self._dbs[table])
 

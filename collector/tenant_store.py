@@ -30,16 +30,20 @@ class TenantStore:
         self.tenant = keys.check_id(tenant, "tenant")
         self.scopes = None if scopes is None else frozenset(keys.check_id(s, "scope") for s in scopes)
         self._root = self.tenant.encode() + keys.SEP
+        self._valid_scopes: set[str] = set()
 
     # --- guards -------------------------------------------------------------------------------------------
 
     def _scope_ok(self, scope: str) -> bool:
+        if scope in self._valid_scopes:
+            return True
         if self.scopes is not None and scope not in self.scopes:
             return False
         try:
             keys.check_id(scope, "scope")
         except keys.InvalidId:
             return False
+        self._valid_scopes.add(scope)
         return True
 
     def _ids_ok(self, scope: str, *ids: str) -> bool:

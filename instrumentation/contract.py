@@ -182,7 +182,10 @@ _decode_json = msgspec.json.Decoder().decode
 
 def normalize_path(path: str) -> str:
     """URL path with repeated slashes collapsed and no trailing slash (`/` stays `/`)."""
-    path = _SLASHES.sub("/", path or "/")
+    if not path:
+        return "/"
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
     if len(path) > 1 and path.endswith("/"):
         path = path.rstrip("/") or "/"
     return path

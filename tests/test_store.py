@@ -332,3 +332,16 @@ def test_reservations_bound_the_pending_bytes(store: Store) -> None:
         assert writer.pending_bytes == 900  # the refused growth took nothing
         third.release()
     assert writer.pending_bytes == 0
+
+
+def test_find_run_seeks_each_tenant_and_scope(store: Store) -> None:
+    """find_run jumps from one tenant/scope to the next: scopes that prefix each other must not hide runs."""
+    places = [("a", "s"), ("a", "sb"), ("a", "s-b"), ("ab", "s"), ("b", "s")]
+    for tenant, scope in places:
+        for run in ("run-x", "run-y", "run-z"):
+            agent = Agent(run_id=run, tenant=tenant, scope=scope)
+            agent.step("00000000000000a1", 1_000, b"{}", RESPONSE)
+            _write(store, agent.request())
+    assert sorted((r.tenant, r.scope) for r in store.find_run("run-y")) == sorted(places)
+    assert sorted((r.tenant, r.scope) for r in store.find_run("run-y", "a")) == [("a", "s"), ("a", "s-b"), ("a", "sb")]
+    assert store.find_run("run-q") == [] and len(store.find_run("run-x", "ab", "s")) == 1
