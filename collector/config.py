@@ -95,8 +95,22 @@ class ConfigError(CliError):
 # --- config objects -------------------------------------------------------------------------------------
 
 
+class _Listener:
+    """A server protocol's `endpoint` (`host:port`) split into its parts."""
+
+    endpoint: str
+
+    @property
+    def host(self) -> str:
+        return split_endpoint(self.endpoint, "endpoint")[0]
+
+    @property
+    def port(self) -> int:
+        return split_endpoint(self.endpoint, "endpoint")[1]
+
+
 @dataclass(frozen=True)
-class GrpcProtocol:
+class GrpcProtocol(_Listener):
     """OTLP/gRPC server settings."""
 
     endpoint: str = DEFAULT_GRPC_ENDPOINT
@@ -105,35 +119,19 @@ class GrpcProtocol:
     """`auth.authenticator`: the id of the `tracetape_auth` extension checking API keys, if any."""
 
     @property
-    def host(self) -> str:
-        return split_endpoint(self.endpoint, "endpoint")[0]
-
-    @property
-    def port(self) -> int:
-        return split_endpoint(self.endpoint, "endpoint")[1]
-
-    @property
     def max_recv_msg_size(self) -> int:
         """The message limit in bytes (checked on the decompressed message)."""
         return self.max_recv_msg_size_mib * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class HttpProtocol:
+class HttpProtocol(_Listener):
     """OTLP/HTTP server settings; `max_request_body_size` caps the body both as sent and decompressed."""
 
     endpoint: str = DEFAULT_HTTP_ENDPOINT
     max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
     authenticator: str | None = None
     """`auth.authenticator`: the id of the `tracetape_auth` extension checking API keys, if any."""
-
-    @property
-    def host(self) -> str:
-        return split_endpoint(self.endpoint, "endpoint")[0]
-
-    @property
-    def port(self) -> int:
-        return split_endpoint(self.endpoint, "endpoint")[1]
 
 
 @dataclass(frozen=True)

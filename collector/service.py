@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_main(config, as_json=bool(getattr(args, "json", False))))
 
 
-async def _main(config: cfg.CollectorConfig, *, as_json: bool) -> int:
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (call it inside the running loop); every tracetape service waits on one."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -230,6 +231,11 @@ async def _main(config: cfg.CollectorConfig, *, as_json: bool) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or not supported
             pass
+    return stop
+
+
+async def _main(config: cfg.CollectorConfig, *, as_json: bool) -> int:
+    stop = stop_on_signals()
 
     def ready(service: CollectorService) -> None:
         print(start_line(service, as_json), flush=True)
@@ -253,7 +259,6 @@ def start_line(service: CollectorService, as_json: bool = False) -> str:
     return line
 
 
-_start_line = start_line  # the name `tracetape up` used first
 
 
 def is_loopback(host: str) -> bool:

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracetape.collector.auth import Authenticator, authenticator_from_file
 from tracetape.collector.http_receiver import quiet_client_protocol_errors
+from tracetape.collector.service import stop_on_signals
 from tracetape.collector.store import Store
 from tracetape.errors import CliError
 from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
@@ -180,15 +181,7 @@ def service_from_args(args: argparse.Namespace, store: Store | None = None) -> R
 
 async def serve_forever(services: list[Any]) -> None:
     """Start `services` (in order), wait for SIGINT/SIGTERM, stop them (in reverse order)."""
-    import signal
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals()
     started = []
     try:
         for s in services:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from tracetape.collector import service as collector_service
@@ -27,13 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     config = collector_service.load_config(args)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = collector_service.stop_on_signals()
     collector = collector_service.CollectorService(config)
     await collector.start()
     replayer = None
@@ -44,7 +37,7 @@ async def _main(args: argparse.Namespace) -> int:
                                    profiles=build_profiles(args.upstream, args.profiles), collector=endpoint,
                                    authenticator=config.authenticator)
         await replayer.start()
-        print(collector_service._start_line(collector, bool(getattr(args, "json", False))), flush=True)
+        print(collector_service.start_line(collector, bool(getattr(args, "json", False))), flush=True)
         print(f"tracetape replayer: listening on {replayer.url}", flush=True)
         await stop.wait()
     finally:

@@ -1,0 +1,56 @@
+"""`tracetape up` (the README's first command): collector and replayer in one process on one store."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def _post_json(url: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def test_up_records_and_replays_on_one_store_and_stops_on_sigterm(tmp_path: Path) -> None:
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tracetape.cli", "up", "--data", str(tmp_path / "data"),
+         "--http-port", "0", "--grpc-port", "0", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert up.stdout is not None
+        collector_line, replayer_line = up.stdout.readline(), up.stdout.readline()
+        endpoint = re.search(r"OTLP/HTTP (http://127\.0\.0\.1:\d+)/v1/traces", collector_line)
+        replayer = re.search(r"listening on (http://127\.0\.0\.1:\d+)", replayer_line)
+        assert endpoint and replayer, (collector_line, replayer_line)
+
+        agent = tmp_path / "agent.py"
+        agent.write_text("import tracetape\n\n@tracetape.tool\ndef add(a, b):\n    return a + b\n\nprint(add(2, 3))\n")
+        done = subprocess.run([sys.executable, "-m", "tracetape.cli", "run", "--run-id", "up-1",
+                               "--endpoint", endpoint.group(1), "--", sys.executable, str(agent)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "5", done.stderr
+
+        deadline = time.monotonic() + 20  # the run span arrives with the recorder's last flush
+        while True:
+            try:
+                status, session = _post_json(f"{replayer.group(1)}/v1/replay/sessions",
+                                             {"run_id": "up-1", "mode": "exact", "record": False})
+                break
+            except urllib.error.HTTPError as err:  # 409 while the run is still `running`
+                assert err.code == 409 and time.monotonic() < deadline, err.read()
+                time.sleep(0.2)
+        assert status == 201 and session["recorded_steps"] == 1  # the replayer reads what the collector wrote
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(30)
+    assert code == 0
