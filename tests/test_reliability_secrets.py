@@ -43,7 +43,7 @@ import pytest
 import yaml
 import zstandard
 
-from tests.support.stack import _SinkThread
+from tests.support.stack import _SinkThread, stop_process
 from tests.support.standin import Standin
 from tracetape.collector import genai
 from tracetape.collector.store import Store
@@ -392,7 +392,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         log_fh = exits.enter_context(open(collector_log, "wb"))
         collector = subprocess.Popen([sys.executable, "-m", "tracetape.cli", "collector", "--config",
                                       str(tmp / "otel-config.yaml"), "--json"], stdout=subprocess.PIPE, stderr=log_fh)
-        exits.callback(_terminate, collector)
+        exits.callback(stop_process, collector)
         assert collector.stdout is not None
         line = collector.stdout.readline()
         assert line, collector_log.read_text()
@@ -427,7 +427,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
              "--collector", endpoint, "--upstream", f"openai={standin.openai_base_url}",
              "--upstream", f"anthropic={standin.anthropic_base_url}"],
             stdout=subprocess.PIPE, stderr=rep_fh, text=True)
-        exits.callback(_terminate, replayer)
+        exits.callback(stop_process, replayer)
         assert replayer.stdout is not None
         line = replayer.stdout.readline()
         match = re.search(r"listening on (http://\S+)", line)
@@ -437,7 +437,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         _replayer_traffic(world)
         assert standin.count == before  # exact mode: nothing went upstream
         _wait_run(data, world.replay_run_id)
-        _terminate(replayer)  # flushes; its log is complete
+        stop_process(replayer)  # flushes; its log is complete
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the forwarder caught up with everything stored
             store = Store(data, readonly=True)
@@ -450,16 +450,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             time.sleep(0.2)
         yield world
         print("\nsecrets scanned (items, bytes): " + "; ".join(f"{k}: {v}" for k, v in SCANNED.items()))
-
-
-def _terminate(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 MAIN = dict(KEYS)

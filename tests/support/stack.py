@@ -159,16 +159,17 @@ def recording_stack(tmp: Path, slim_cap: int = 16384) -> Iterator[RecordingStack
         config_path = tmp / "otel-config.yaml"
         config_path.write_text(yaml.safe_dump(_collector_config(stack.data, stack.sink.http_url, slim_cap)))
         stack.collector, info = start_collector(config_path)
-        exits.callback(_stop, stack.collector)
+        exits.callback(stop_process, stack.collector)
         stack.endpoint = info["http"][0].removesuffix("/v1/traces")
         yield stack
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def stop_process(proc: subprocess.Popen[Any], grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; no-op for an ended process."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
