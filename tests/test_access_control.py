@@ -586,3 +586,22 @@ def test_replay_command_sends_its_key_to_the_replayer(tmp_path: Path) -> None:
             thread.stop()
     finally:
         store.close()
+
+
+def test_keys_hash_reads_the_key_on_stdin_and_never_prints_it() -> None:
+    import hashlib
+    import subprocess
+    import sys
+
+    key = "tt-live-0123456789abcdefghijklmnop"
+    out = subprocess.run([sys.executable, "-m", "tracetape.cli", "keys", "hash", "--tenant", "acme", "--json"],
+                         input=key + "\n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"sha256": hashlib.sha256(key.encode()).hexdigest(), "tenant": "acme"}
+    assert key not in out.stdout + out.stderr
+    entry = subprocess.run([sys.executable, "-m", "tracetape.cli", "keys", "hash"], input=key, capture_output=True,
+                           text=True, timeout=60)
+    assert f"- {{sha256: {hashlib.sha256(key.encode()).hexdigest()}, tenant: default}}" in entry.stdout
+    empty = subprocess.run([sys.executable, "-m", "tracetape.cli", "keys", "hash"], input="", capture_output=True,
+                           text=True, timeout=60)
+    assert empty.returncode == 2 and "no key on standard input" in empty.stderr

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collector": ("tracetape.collector.service", "run the collector sidecar (OTLP in, LMDB store, forward)"),
     "up": ("tracetape.replayer.up", "run the collector and the replayer together"),
     "runs": ("tracetape.collector.inspect", "list recorded runs"),
+    "keys": ("tracetape.collector.keys_cmd", "hash an API key (read on stdin) for the auth config"),
     "show": ("tracetape.collector.inspect", "show one run: status, replayability, timeline"),
     "replayer": ("tracetape.replayer.service", "run the replayer service"),
     "replay": ("tracetape.replayer.replay_cmd", "replay a recorded run"),
