@@ -100,10 +100,16 @@ def test_a_full_disk_is_503_with_retry_after_and_the_store_reopens_clean(tmp_pat
         assert health.status == 200  # the collector still answers while the disk is full
         os.kill(int((ctrl / "collector.pid").read_text()), signal.SIGKILL)
         proc.wait(60)
-    finally:
+    finally:  # on a failed assertion too: the collector inside the namespace must not outlive the test
+        pid_file = ctrl / "collector.pid"
+        if pid_file.exists() and pid_file.read_text().strip():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+        proc.wait(60)
     verified = json.loads((ctrl / "verify.json").read_text())
     assert verified["blobs_ok"] and set(acked) <= set(verified["runs"]), (acked, verified)
     assert verified["spans"] >= len(acked)
