@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, vm_hwm_kib
+from bench.common import ROOT, proc_status_kib, vm_hwm_kib
 
 
 class CollectorProcess:
@@ -51,14 +51,7 @@ class CollectorProcess:
         return self.proc.pid
 
     def rss_kib(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        return proc_status_kib(self.pid, "VmRSS")
 
     def peak_kib(self) -> int | None:
         return vm_hwm_kib(self.pid)

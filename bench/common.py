@@ -75,16 +75,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vm_hwm_kib(pid: int) -> int | None:
-    """Peak resident set size (VmHWM) of a live process, in KiB."""
+def proc_status_kib(pid: int, field: str) -> int | None:
+    """A `/proc/PID/status` size field (`VmRSS`, `VmHWM`, ...) of a live process, in KiB; None when gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set size (VmHWM) of a live process, in KiB."""
+    return proc_status_kib(pid, "VmHWM")
 
 
 def python_env(extra_path: list[Path] | None = None) -> dict[str, str]:

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEPS, ROOT, Ctx, median, row, vm_hwm_kib
+from bench.common import DEPS, ROOT, Ctx, median, proc_status_kib, row, vm_hwm_kib
 
 NAME = "replay"
 MITMDUMP = DEPS / "mitm-venv" / "bin" / "mitmdump"
@@ -164,14 +164,7 @@ class Proc:
         return self.proc.pid
 
     def rss_kib(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        return proc_status_kib(self.pid, "VmRSS")
 
     def stop(self) -> int | None:
         hwm = vm_hwm_kib(self.pid)
