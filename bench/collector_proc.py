@@ -1,4 +1,5 @@
-"""A real collector process (`python -m tracetape.cli collector --config FILE --json`) on 127.0.0.1."""
+"""A real collector process (`python -m tracetape.cli collector --config FILE --json`) on 127.0.0.1, with its
+ingest worker processes (the default for this machine's core count) counted in its memory and CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, proc_status_kib, vm_hwm_kib
+from bench.common import ROOT, process_tree, tree_cpu_seconds, tree_status_kib
 
 
 class CollectorProcess:
@@ -51,10 +52,16 @@ class CollectorProcess:
         return self.proc.pid
 
     def rss_kib(self) -> int | None:
-        return proc_status_kib(self.pid, "VmRSS")
+        """Resident memory of the collector and its ingest workers together."""
+        return tree_status_kib(self.pid, "VmRSS")
 
     def peak_kib(self) -> int | None:
-        return vm_hwm_kib(self.pid)
+        """Sum of the peak resident memory (VmHWM) of the collector and of each of its ingest workers."""
+        return tree_status_kib(self.pid, "VmHWM")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the collector and its ingest workers."""
+        return tree_cpu_seconds(process_tree(self.pid))
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

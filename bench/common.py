@@ -92,6 +92,45 @@ def vm_hwm_kib(pid: int) -> int | None:
     return proc_status_kib(pid, "VmHWM")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (e.g. a collector and its ingest workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += parents.get(p, [])
+    return out
+
+
+def tree_status_kib(pid: int, field: str) -> int | None:
+    """A `/proc/PID/status` size field summed over `pid` and its live descendants; None when `pid` is gone."""
+    if proc_status_kib(pid, field) is None:
+        return None
+    return sum(proc_status_kib(p, field) or 0 for p in process_tree(pid))
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (those still alive)."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def python_env(extra_path: list[Path] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(p) for p in (extra_path or [])]

@@ -113,7 +113,9 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
         work = ctx.workdir / f"collector-{ci}"
         with CollectorProcess(work) as col:
             asyncio.run(send_all(col.url, warm, 1))
+            cpu0 = col.cpu_seconds()
             t_coll, statuses = asyncio.run(send_all(col.url, bodies, SENDERS))
+            cpu_per_span = (col.cpu_seconds() - cpu0) / spans
             peak = col.peak_kib()
             idle = col.rss_idle_kib
         du = sum(p.stat().st_size for p in (work / "data").glob("*.mdb"))
@@ -127,6 +129,8 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
             row(NAME, name, "collector spans/s", rate_c, "spans/s", ratio=ratio, ratio_of="raw LMDB puts",
                 target=">= 0.5x raw LMDB", met=ratio >= TARGET, mb_s=mb / t_coll, spans=spans, request_mb=mb / n),
             row(NAME, name, "collector MB/s", mb / t_coll, "MB/s", ratio=rate_c / rate_d, ratio_of="protobuf decode"),
+            row(NAME, name, "collector CPU per span", cpu_per_span * 1e6, "us",
+                ratio=cpu_per_span * rate_l, ratio_of="raw LMDB time per span"),
             row(NAME, name, "raw LMDB puts", rate_l, "spans/s", mb_s=mb / t_lmdb),
             row(NAME, name, "raw LMDB MB/s", mb / t_lmdb, "MB/s"),
             row(NAME, name, "protobuf decode", rate_d, "spans/s", mb_s=mb / t_decode),
@@ -135,6 +139,7 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
                 ratio=(peak or 0) / (idle or 1), ratio_of="idle RSS", idle_mib=(idle or 0) / 1024),
             row(NAME, name, "store files after", du / 1e6, "MB", ratio=du / 1e6 / mb, ratio_of="request MB"),
         ]
-        print(f"  collector {rate_c:,.0f} spans/s ({mb / t_coll:.1f} MB/s); raw LMDB {rate_l:,.0f}; decode "
+        print(f"  collector {rate_c:,.0f} spans/s ({mb / t_coll:.1f} MB/s, {cpu_per_span * 1e6:.0f} us CPU per span "
+              f"in the collector and its workers); raw LMDB {rate_l:,.0f}; decode "
               f"{rate_d:,.0f}; ratio {ratio:.2f}; peak RSS {(peak or 0) / 1024:.0f} MiB", flush=True)
     return rows

@@ -54,13 +54,11 @@ class TraceService:
             principal = self.authenticator.authenticate(metadata_key(context.invocation_metadata()))
             if principal is None:
                 await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        try:
-            request = od.parse_protobuf(raw)
-        except od.Undecodable as err:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
         failure: tuple[grpc.StatusCode, str, float | None] | None = None
         try:
-            result = await submit_as(self.writer, request, principal, len(raw))
+            result = await submit_as(self.writer, raw, principal, len(raw))  # parsed by the ingest step
+        except od.Undecodable as err:
+            failure = (grpc.StatusCode.INVALID_ARGUMENT, err.message, None)
         except Overloaded as err:
             failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the collector is busy; retry later", err.retry_after)
         except StoreUnavailable as err:

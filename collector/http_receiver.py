@@ -146,7 +146,7 @@ async def export_traces(request: web.Request) -> web.Response:
     with reservation:
         try:
             body = await _read_body(request, limit)
-            decoded = od.decode_request(
+            decoded = od.receive_request(
                 body, request.headers.get("Content-Type"), request.headers.get("Content-Encoding"), max_size=limit,
             )
         except od.DecodeFailure as err:
@@ -163,11 +163,13 @@ def _overloaded(err: Overloaded, encoding: od.Encoding) -> web.Response:
 
 
 async def _store(
-    app: web.Application, decoded: od.Decoded, principal: Principal | None, reservation: Reservation
+    app: web.Application, decoded: od.Received, principal: Principal | None, reservation: Reservation
 ) -> web.Response:
     writer: Submitter = app[_WRITER]
     try:
         result = await submit_as(writer, decoded.request, principal, decoded.size, reservation)
+    except od.DecodeFailure as err:  # protobuf is parsed by the ingest step
+        return _status(err.status, _GRPC_CODE[err.status], err.message, decoded.encoding)
     except Overloaded as err:
         return _overloaded(err, decoded.encoding)
     except StoreUnavailable as err:

@@ -22,11 +22,13 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from tracetape.collector import genai, keys
+from tracetape.collector import otlp_decode as od
 from tracetape.collector.records import AttemptRecord, PayloadRef, StepRecord
 from tracetape.collector.store import Batch, RunEvent, SpanWrite, StepWrite, Store, compress_blob
 from tracetape.instrumentation import contract as c
 
 _MAX_ERRORS = 5
+_PAYLOADS = frozenset(c.PAYLOAD_ATTRIBUTES)
 
 
 class Rejected(ValueError):
@@ -49,6 +51,9 @@ def _str(attrs: dict[str, AnyValue], name: str, default: str = "") -> str:
     v = attrs.get(name)
     if v is None:
         return default
+    kind = v.WhichOneof("value")
+    if kind == "string_value":  # the usual case, read without the generic conversion
+        return v.string_value
     val = value_of(v)
     if isinstance(val, bytes):
         return val.decode("utf-8", "replace")
@@ -110,7 +115,9 @@ def _headers(attrs: dict[str, AnyValue], name: str) -> list[tuple[str, str]]:
 
 
 def _set_value(target: AnyValue, value: Any) -> None:
-    if isinstance(value, bool):
+    if isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, bool):
         target.bool_value = value
     elif isinstance(value, int):
         target.int_value = value
@@ -209,7 +216,13 @@ class _Preparer:
             raise Rejected("invalid trace_id (16 non-zero bytes)")
         if len(span.span_id) != 8 or not any(span.span_id):
             raise Rejected("invalid span_id (8 non-zero bytes)")
-        attrs = {kv.key: kv.value for kv in span.attributes}
+        attrs: dict[str, AnyValue] = {}
+        payload_at: list[int] = []  # indices of the payload attributes, found in the same pass
+        for i, kv in enumerate(span.attributes):
+            key = kv.key
+            attrs[key] = kv.value
+            if key in _PAYLOADS:
+                payload_at.append(i)
         tenant = keys.check_id(
             self.tenant_override or _str(attrs, c.TENANT) or _str(resource, c.TENANT) or keys.DEFAULT_TENANT, "tenant"
         )
@@ -220,7 +233,7 @@ class _Preparer:
         kind = _str(attrs, c.SPAN_KIND)
         _stamp(span, attrs, {c.TENANT: tenant, c.SCOPE: scope})  # the stored span says where it is stored
 
-        refs, blobs = self.take_payloads(span, attrs, tenant, scope)
+        refs, blobs = self.take_payloads(span, payload_at, tenant, scope) if payload_at else ({}, [])
         write = SpanWrite(tenant=tenant, scope=scope, run_id=run_id, span_key=b"", stored_span=b"", blobs=blobs)
         if run_id != keys.NO_RUN:
             if kind == c.SPAN_KIND_STEP:
@@ -233,22 +246,21 @@ class _Preparer:
         self.batch.spans.append(write)
 
     def take_payloads(
-        self, span: Span, attrs: dict[str, AnyValue], tenant: str, scope: str
+        self, span: Span, payload_at: list[int], tenant: str, scope: str
     ) -> tuple[dict[str, PayloadRef], list[tuple[bytes, bytes | None]]]:
-        """Replace each payload attribute by `X.ref` + `X.size` in the span; their refs, and their blob keys."""
+        """Replace the payload attributes at `payload_at` by `X.ref` + `X.size`; their refs, and their blob keys."""
         refs: dict[str, PayloadRef] = {}
         blobs: list[tuple[bytes, bytes | None]] = []
-        if not any(name in attrs for name in c.PAYLOAD_ATTRIBUTES):
-            return refs, blobs
-        payload_indices: list[int] = []
-        for index, kv in enumerate(span.attributes):
-            if kv.key not in c.PAYLOAD_ATTRIBUTES:
-                continue
-            payload_indices.append(index)
-            val = value_of(kv.value)
-            if isinstance(val, str):
-                val = val.encode()
-            if not isinstance(val, bytes):
+        attributes = span.attributes
+        for index in payload_at:
+            kv = attributes[index]
+            value = kv.value
+            kind = value.WhichOneof("value")
+            if kind == "bytes_value":
+                val = value.bytes_value
+            elif kind == "string_value":
+                val = value.string_value.encode()
+            else:
                 raise Rejected(f"payload attribute {kv.key} must be bytes or a string")
             digest = hashlib.sha256(val).digest()
             refs[kv.key] = PayloadRef(digest=digest, size=len(val))
@@ -256,11 +268,11 @@ class _Preparer:
             self.blob_raw.setdefault(key, val)
             self.raw_by_digest.setdefault(digest, val)
             blobs.append((key, None))
-        for index in reversed(payload_indices):  # in place: the other attributes are not copied
-            del span.attributes[index]
+        for index in reversed(payload_at):  # in place: the other attributes are not copied
+            del attributes[index]
         for name, ref in refs.items():
-            _add(span, name + c.PAYLOAD_REF_SUFFIX, ref.digest.hex())
-            _add(span, name + c.PAYLOAD_SIZE_SUFFIX, ref.size)
+            attributes.add(key=name + c.PAYLOAD_REF_SUFFIX).value.string_value = ref.digest.hex()
+            attributes.add(key=name + c.PAYLOAD_SIZE_SUFFIX).value.int_value = ref.size
         return refs, blobs
 
     def compress_new_blobs(self) -> None:
@@ -381,3 +393,12 @@ def prepare(
 
     `tenant` overrides what the spans claim; `scopes` (None = any) are the only scopes accepted."""
     return _Preparer(store, tenant, scopes).run(request)
+
+
+def prepare_encoded(
+    payload: bytes | ExportTraceServiceRequest, store: Store, tenant: str | None = None,
+    scopes: frozenset[str] | None = None,
+) -> Batch:
+    """`prepare` for a request still in protobuf bytes (parsed here: `otlp_decode.Undecodable` if malformed)."""
+    request = payload if isinstance(payload, ExportTraceServiceRequest) else od.parse_protobuf(payload)
+    return prepare(request, store, tenant, scopes)

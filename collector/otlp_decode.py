@@ -123,12 +123,31 @@ def decode_request(
     body: bytes, content_type: str | None, content_encoding: str | None, *, max_size: int
 ) -> Decoded:
     """The export request in `body`. See the module docstring for the errors."""
+    received = receive_request(body, content_type, content_encoding, max_size=max_size)
+    request = received.request
+    return Decoded(parse_protobuf(request) if isinstance(request, bytes) else request, received.encoding,
+                   received.size)
+
+
+class Received(NamedTuple):
+    """A request body made ready for ingest: protobuf bytes not parsed yet (the ingest step parses them, off
+    the event loop, `Undecodable` if malformed) or a parsed OTLP/JSON request; the encoding to answer in;
+    the decompressed size."""
+
+    request: ExportTraceServiceRequest | bytes
+    encoding: Encoding
+    size: int
+
+
+def receive_request(
+    body: bytes, content_type: str | None, content_encoding: str | None, *, max_size: int
+) -> Received:
+    """`decode_request` up to, not including, parsing protobuf: same errors, except a malformed protobuf."""
     encoding = media_encoding(content_type)
     if len(body) > max_size:
         raise TooLarge(f"request body is over the {max_size}-byte limit")
     raw = decompress(body, content_encoding, max_size)
-    request = parse_protobuf(raw) if encoding == PROTOBUF else parse_json(raw)
-    return Decoded(request, encoding, len(raw))
+    return Received(raw if encoding == PROTOBUF else parse_json(raw), encoding, len(raw))
 
 
 def parse_protobuf(raw: bytes) -> ExportTraceServiceRequest:

@@ -28,7 +28,7 @@ class Submitter(Protocol):
 
     async def submit(
         self,
-        request: ExportTraceServiceRequest,
+        request: ExportTraceServiceRequest | bytes,
         *,
         tenant: str | None = None,
         size: int | None = None,
@@ -45,7 +45,7 @@ UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send it as x-api-key or A
 
 async def submit_as(
     writer: Submitter,
-    request: ExportTraceServiceRequest,
+    request: ExportTraceServiceRequest | bytes,
     principal: Principal | None,
     size: int,
     reservation: Reservation | None = None,

@@ -77,7 +77,9 @@ class CollectorService:
             )
         except (StoreError, OSError) as err:
             raise CliError(f"cannot open the store at {conf.path}: {err}") from None
-        self.writer = StoreWriter(self.store, max_pending_bytes=conf.max_pending_bytes)
+        self.writer = StoreWriter(self.store, max_pending_bytes=conf.max_pending_bytes,
+                                  prepare_processes=conf.ingest_processes,
+                                  outbox=bool(self.config.forward_routes))
         await self.writer.start()
         self.forwarder = Forwarder(self.store, self.config.forward_routes)
         await self.forwarder.start()

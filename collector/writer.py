@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tracetape.collector import ingest
+from tracetape.collector.ingest_workers import IngestWorkers, WorkersFailed
 from tracetape.collector.store import Batch, BatchResult, Store, StoreFull
 
 log = logging.getLogger("tracetape.collector")
@@ -90,10 +91,21 @@ class StoreWriter:
     """Owns the store's write side for one collector process."""
 
     def __init__(
-        self, store: Store, *, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, prepare_threads: int = 2
+        self,
+        store: Store,
+        *,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        prepare_threads: int = 2,
+        prepare_processes: int = 0,
+        outbox: bool = True,
     ) -> None:
+        """`prepare_processes` > 0 prepares requests in that many worker processes (`IngestWorkers`), else in
+        `prepare_threads` threads of this process. `outbox=False`: nothing is forwarded, so committed spans
+        are not queued in the store's outbox."""
         self.store = store
+        self.outbox = outbox
         self.max_pending_bytes = max_pending_bytes
+        self._workers = IngestWorkers(store.path, prepare_processes) if prepare_processes > 0 else None
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -103,6 +115,8 @@ class StoreWriter:
         self.stats = {"requests": 0, "spans": 0, "rejected": 0, "duplicates": 0, "commits": 0, "overloaded": 0}
 
     async def start(self) -> None:
+        if self._workers is not None:
+            await self._workers.start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_loop, name="tracetape-writer", daemon=True)
             self._thread.start()
@@ -115,6 +129,8 @@ class StoreWriter:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
         self._prepare_pool.shutdown(wait=True)
+        if self._workers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._workers.close)
 
     @property
     def pending_bytes(self) -> int:
@@ -141,14 +157,15 @@ class StoreWriter:
 
     async def submit(
         self,
-        request: ExportTraceServiceRequest,
+        request: ExportTraceServiceRequest | bytes,
         *,
         tenant: str | None = None,
         size: int | None = None,
         scopes: frozenset[str] | None = None,
         reservation: Reservation | None = None,
     ) -> IngestResult:
-        """Store `request`'s spans; returns after the commit. `size` is the request's encoded size if known.
+        """Store `request`'s spans (a message, or its protobuf bytes: `otlp_decode.Undecodable` if malformed);
+        returns after the commit. `size` is the request's encoded size if known.
 
         `tenant` (an authenticated key's) overrides the tenant the spans claim; with `scopes`, spans in
         other scopes are rejected (`partial_success`). A receiver that reserved budget before reading the
@@ -156,15 +173,15 @@ class StoreWriter:
         reserves and releases itself."""
         if self._closed or self._thread is None:
             raise StoreUnavailable(1.0, "the collector is shutting down")
-        nbytes = size if size is not None else request.ByteSize()
+        nbytes = size if size is not None else len(request) if isinstance(request, bytes) else request.ByteSize()
         own = reservation is None
         if reservation is None:
             reservation = self.reserve(nbytes)
         else:
             reservation.grow(nbytes)
         try:
+            batch = await self._prepare(request, tenant, scopes)
             loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self._prepare_pool, ingest.prepare, request, self.store, tenant, scopes)
             fut: asyncio.Future[BatchResult] = loop.create_future()
             self._queue.put((batch, loop, fut))
             result = await asyncio.shield(fut)
@@ -181,6 +198,18 @@ class StoreWriter:
             error_message="; ".join(batch.errors),
             duplicates=result.duplicates,
         )
+
+    async def _prepare(
+        self, request: ExportTraceServiceRequest | bytes, tenant: str | None, scopes: frozenset[str] | None
+    ) -> Batch:
+        if self._workers is None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._prepare_pool, ingest.prepare_encoded, request, self.store, tenant, scopes)
+        payload = request if isinstance(request, bytes) else request.SerializeToString()
+        try:
+            return await self._workers.prepare(payload, tenant, scopes)
+        except WorkersFailed as err:
+            raise StoreUnavailable(1.0, str(err)) from None
 
     def _write_loop(self) -> None:
         while True:
@@ -204,7 +233,7 @@ class StoreWriter:
 
     def _commit(self, group: list[_Item]) -> None:
         try:
-            results = self.store.apply([batch for batch, _, _ in group])
+            results = self.store.apply([batch for batch, _, _ in group], outbox=self.outbox)
             self.stats["commits"] += 1
         except StoreFull as err:
             log.error("store full: %s", err)
