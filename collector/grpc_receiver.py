@@ -6,7 +6,9 @@ Contract (same as OTLP/HTTP): the response is sent only after the store committe
   message is the client's error rather than `INTERNAL`);
 - over `max_recv_msg_size_mib` (checked by gRPC on the decompressed message) → `RESOURCE_EXHAUSTED`;
 - writer overloaded → `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo` detail (OTLP: retryable
-  because the server says when), store unable to write → `UNAVAILABLE` with `RetryInfo`;
+  because the server says when), store unable to write → `UNAVAILABLE` with `RetryInfo`. Admission comes
+  before the message is read: each call first reserves `max_recv_msg_size` of the writer's budget (shrunk
+  to the message's size once read), so memory is bounded by that budget, as on OTLP/HTTP;
 - a bug → `INTERNAL` (logged; the message says nothing more).
 With an `Authenticator` (API keys configured) the call's metadata must hold `x-api-key: KEY` or
 `authorization: Bearer KEY`, else `UNAUTHENTICATED` before the request is parsed (nothing stored, the
@@ -16,6 +18,7 @@ key never echoed or logged); a valid key's tenant overrides the tenant the spans
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -23,18 +26,22 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from tracetape.collector import otlp_decode as od
-from tracetape.collector.auth import Authenticator, metadata_key
+from tracetape.collector.auth import Authenticator, Principal, metadata_key
 from tracetape.collector.receiving import UNAUTHENTICATED_MESSAGE, OnStored, ReceiverStats, Submitter, submit_as
-from tracetape.collector.writer import Overloaded, StoreUnavailable
+from tracetape.collector.writer import Overloaded, Reservation, StoreUnavailable
 
 log = logging.getLogger("tracetape.collector.grpc")
 
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+BUSY_MESSAGE = "the collector is busy; retry later"
+STREAM_WINDOW_BYTES = 256 * 1024
 
 
 class TraceService:
-    """The Export method; requests arrive as raw bytes and are parsed here."""
+    """The Export method, served as stream-unary so that the request message is read only after admission:
+    the budget is reserved first (`max_recv_msg_size`, shrunk to the message's size once read), as the HTTP
+    receiver does, so memory is bounded by the writer's budget, not by messages times concurrent calls."""
 
     def __init__(
         self,
@@ -42,25 +49,43 @@ class TraceService:
         stats: ReceiverStats,
         on_stored: OnStored | None = None,
         authenticator: Authenticator | None = None,
+        max_recv_msg_size: int = 4 * 1024 * 1024,
     ) -> None:
         self.writer = writer
         self.stats = stats
         self.on_stored = on_stored
         self.authenticator = authenticator
+        self.max_recv_msg_size = max_recv_msg_size
 
-    async def export(self, raw: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
+    async def export(
+        self, _requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> ExportTraceServiceResponse:
         principal = None
         if self.authenticator is not None:
             principal = self.authenticator.authenticate(metadata_key(context.invocation_metadata()))
             if principal is None:
                 await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        try:
+            reservation = self.writer.reserve(self.max_recv_msg_size)
+        except Overloaded as err:  # refused before the message is read
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_MESSAGE, err.retry_after)
+        with reservation:
+            raw = await context.read()
+            if not isinstance(raw, bytes):  # EOF: the client sent no message
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no ExportTraceServiceRequest sent")
+            reservation.shrink(len(raw))
+            return await self._store(raw, principal, reservation, context)
+
+    async def _store(
+        self, raw: bytes, principal: Principal | None, reservation: Reservation, context: grpc.aio.ServicerContext
+    ) -> ExportTraceServiceResponse:
         failure: tuple[grpc.StatusCode, str, float | None] | None = None
         try:
-            result = await submit_as(self.writer, raw, principal, len(raw))  # parsed by the ingest step
+            result = await submit_as(self.writer, raw, principal, len(raw), reservation)  # parsed by the ingest step
         except od.Undecodable as err:
             failure = (grpc.StatusCode.INVALID_ARGUMENT, err.message, None)
         except Overloaded as err:
-            failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the collector is busy; retry later", err.retry_after)
+            failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_MESSAGE, err.retry_after)
         except StoreUnavailable as err:
             failure = (grpc.StatusCode.UNAVAILABLE, f"the store cannot take writes now: {err.message}", err.retry_after)
         except Exception:  # a bug: log it, tell the client nothing more
@@ -91,7 +116,7 @@ class TraceService:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Export": grpc.unary_unary_rpc_method_handler(
+                "Export": grpc.stream_unary_rpc_method_handler(  # the client's unary call, read when admitted
                     self.export, response_serializer=ExportTraceServiceResponse.SerializeToString
                 )
             },
@@ -108,21 +133,19 @@ async def start_grpc_server(
     on_stored: OnStored | None = None,
     authenticator: Authenticator | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound.
-
-    Known limit: gRPC reads a whole message before the handler can refuse it, so memory here is bounded
-    per message (`max_recv_msg_size`) times concurrent exports, not by the writer's budget as on OTLP/HTTP
-    (whose receiver reserves budget before reading). gRPC's own `maximum_concurrent_rpcs` is not a fix:
-    it refuses with RESOURCE_EXHAUSTED without RetryInfo, which OTLP exporters treat as permanent (data
-    loss); a per-connection stream cap turns overload into REFUSED_STREAM instead of RetryInfo."""
+    """A started `grpc.aio` server on host:port (0 = any free port), and the port it bound."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_recv_msg_size),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),  # a second collector on the same port must fail, not share it
+            # What a call not yet admitted can make gRPC buffer: one flow-control window, kept small and fixed
+            # (without this, BDP probing grows windows to megabytes and each waiting stream fills one).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ]
     )
-    service = TraceService(writer, stats or ReceiverStats(), on_stored, authenticator)
+    service = TraceService(writer, stats or ReceiverStats(), on_stored, authenticator, max_recv_msg_size)
     server.add_generic_rpc_handlers((service.handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -42,15 +42,16 @@ _worker_store: Store | None = None
 _ORPHAN_CHECK_S = 0.5
 
 
-def _open_store(path: str) -> None:
+def _open_store(path: str, collector_pid: int) -> None:
     global _worker_store
-    _worker_store = Store(path, readonly=True)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="tracetape-orphan-check",
+    threading.Thread(target=_exit_when_orphaned, args=(collector_pid,), name="tracetape-orphan-check",
                      daemon=True).start()
+    _worker_store = Store(path, readonly=True)
 
 
 def _exit_when_orphaned(parent: int) -> None:
-    """A killed collector cannot stop its workers; they notice that their parent is gone, and exit."""
+    """A killed collector cannot stop its workers; they notice that it is no longer their parent, and exit
+    (also when it was killed while this worker was still starting)."""
     while os.getppid() == parent:
         time.sleep(_ORPHAN_CHECK_S)
     os._exit(0)
@@ -78,10 +79,10 @@ class IngestWorkers:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_open_store, initargs=(self.store_path,))
+                                   initializer=_open_store, initargs=(self.store_path, os.getpid()))
 
     async def start(self) -> None:
-        """Start every worker now (not on the first request) and wait until each has opened the store."""
+        """Spawn the workers now rather than on the first request; returns once one task per worker has run."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._pool, _ready) for _ in range(self.processes)))
 

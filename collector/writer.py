@@ -76,6 +76,12 @@ class Reservation:
             self._writer._take(total - self.nbytes, held=self.nbytes)
             self.nbytes = total
 
+    def shrink(self, total: int) -> None:
+        """Hold only `total` bytes (the request turned out smaller than reserved); the rest goes back."""
+        if total < self.nbytes:
+            self._writer._give(self.nbytes - total)
+            self.nbytes = total
+
     def release(self) -> None:
         self._writer._give(self.nbytes)
         self.nbytes = 0

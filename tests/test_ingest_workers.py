@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.reliability import descendants
 from tests.support.spans import Agent, chat_request
 from tracetape.collector import ingest, otlp_decode
 from tracetape.collector.ingest_workers import IngestWorkers
@@ -29,20 +30,6 @@ def _request_bytes(run_id: str, steps: int = 5) -> bytes:
     return agent.request().SerializeToString()
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        kids = _children(todo.pop())
-        found += kids
-        todo += kids
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -50,6 +37,14 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
 
 
 def test_a_worker_prepares_the_same_batch_as_the_collector_process(tmp_path: Path) -> None:
@@ -97,7 +92,7 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None
             await writer.submit(_request_bytes("run-0"))
             workers = writer._workers
             assert workers is not None
-            pids = [p for p in _descendants(os.getpid()) if p in {pr.pid for pr in workers._pool._processes.values()}]
+            pids = [p for p in descendants(os.getpid()) if p in {pr.pid for pr in workers._pool._processes.values()}]
             assert pids, "no worker processes found"
             os.kill(pids[0], signal.SIGKILL)
             results = await asyncio.gather(*(writer.submit(_request_bytes(f"run-{i}")) for i in range(1, 9)))
@@ -123,7 +118,7 @@ def test_killing_the_collector_leaves_no_worker_behind(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline(), "the collector did not start"
-        workers = _descendants(proc.pid)
+        workers = descendants(proc.pid)
         assert len(workers) >= 2  # the fork server and its workers (and the resource tracker)
     finally:
         proc.kill()
@@ -131,4 +126,5 @@ def test_killing_the_collector_leaves_no_worker_behind(tmp_path: Path) -> None:
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [p for p in workers if _alive(p)] == []
+    left = {p: _cmdline(p) for p in workers if _alive(p)}
+    assert left == {}

@@ -15,7 +15,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from google.rpc import status_pb2
+import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from tests.support.reliability import (
     CollectorProcess,
@@ -81,6 +82,14 @@ def _flood(url: str, bodies: list[bytes], threads: int, seconds: float) -> tuple
     return statuses, refused, last
 
 
+def _warm_up(collector: CollectorProcess, bodies: list[bytes]) -> None:
+    """Send each body once, one at a time, so that every ingest worker has handled a request of this size
+    before the baseline is read: what is measured is the flood, not first-use growth."""
+    assert collector.url is not None
+    for body in bodies:
+        assert post(collector.url, body, timeout=60)[0] == 200
+
+
 def test_a_flood_beyond_capacity_is_refused_with_retry_after_and_memory_stays_bounded(tmp_path: Path) -> None:
     collector = CollectorProcess(write_config(tmp_path, tmp_path / "data", max_pending="256KiB"))
     collector.start()
@@ -133,8 +142,9 @@ def test_memory_is_bounded_by_max_pending_bytes_not_by_the_number_of_clients(tmp
     collector.start()
     sampler = _RssSampler(collector)
     try:
-        baseline_kb = collector.rss_kb()
         bodies = [_big_batch(n, 4 << 20)[0] for n in range(8)]
+        _warm_up(collector, bodies)
+        baseline_kb = collector.rss_kb()
         sampler.start()
         statuses, _, _ = _flood(collector.url, bodies, threads=48, seconds=4.0)
         sampler.running = False
@@ -145,6 +155,66 @@ def test_memory_is_bounded_by_max_pending_bytes_not_by_the_number_of_clients(tmp
         print(f"\noverload (48 clients × 4 MiB, max_pending 1 MiB): statuses {dict(statuses)}, RSS +{grown_mb:.0f} MiB")
         assert grown_mb < 100, f"RSS grew by {grown_mb:.0f} MiB with max_pending_bytes = 1 MiB"
     finally:
+        sampler.running = False
+        if collector.alive():
+            collector.kill()
+
+
+def test_grpc_exports_are_admitted_before_their_messages_are_read(tmp_path: Path) -> None:
+    """gRPC buffers a whole message before a unary handler runs; the receiver reserves budget first (as the
+    HTTP one does), so 48 clients × 4 MiB against a 1 MiB budget is refused with RetryInfo, not held."""
+    collector = CollectorProcess(write_config(tmp_path, tmp_path / "data", max_pending="1MiB", grpc=True))
+    collector.start()
+    assert collector.grpc_endpoint is not None
+    sampler = _RssSampler(collector)
+    channel = grpc.insecure_channel(collector.grpc_endpoint, options=[("grpc.max_send_message_length", 64 << 20)])
+    export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    codes: Counter[str] = Counter()
+    retry_delays: list[int] = []
+    lock = threading.Lock()
+    try:
+        bodies = [_big_batch(n, 4 << 20)[0] for n in range(8)]
+        _warm_up(collector, bodies)
+        baseline_kb = collector.rss_kb()
+        deadline = time.monotonic() + 4.0
+
+        def client(k: int) -> None:
+            i = k
+            while time.monotonic() < deadline:
+                try:
+                    export(bodies[i % len(bodies)], timeout=60)
+                    code = "OK"
+                except grpc.RpcError as err:
+                    code = err.code().name
+                    details = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+                    if details is not None:
+                        info = error_details_pb2.RetryInfo()
+                        if status_pb2.Status.FromString(details).details[0].Unpack(info):
+                            with lock:
+                                retry_delays.append(info.retry_delay.seconds)
+                with lock:
+                    codes[code] += 1
+                i += 1
+
+        sampler.start()
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(48)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(120)
+        sampler.running = False
+        sampler.join()
+        assert collector.alive()
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert codes["OK"] > 0 and codes["RESOURCE_EXHAUSTED"] > 0, codes
+        assert len(retry_delays) == codes["RESOURCE_EXHAUSTED"] and min(retry_delays) >= 1
+        grown_mb = (sampler.peak_kb - baseline_kb) / 1024
+        print(f"\ngRPC overload (48 clients × 4 MiB, max_pending 1 MiB): {dict(codes)}, RSS +{grown_mb:.0f} MiB")
+        # Before admission came first, this flood grew the collector by over 1 GiB (each waiting call's
+        # message buffered whole); now: the one admitted request's copies across collector and worker.
+        assert grown_mb < 150, f"RSS grew by {grown_mb:.0f} MiB with max_pending_bytes = 1 MiB"
+    finally:
+        channel.close()
         sampler.running = False
         if collector.alive():
             collector.kill()

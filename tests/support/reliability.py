@@ -42,8 +42,10 @@ def write_config(
     max_body: str | int | None = None,
     forward_url: str | None = None,
     name: str = "otel-config.yaml",
+    grpc: bool = False,
 ) -> Path:
-    """An `otel-config.yaml` with OTLP/HTTP on 127.0.0.1:0 and the store in `data`; returns its path."""
+    """An `otel-config.yaml` with OTLP/HTTP (and with `grpc`, OTLP/gRPC) on 127.0.0.1:0 and the store in
+    `data`; returns its path."""
     http: dict[str, Any] = {"endpoint": "127.0.0.1:0"}
     if max_body is not None:
         http["max_request_body_size"] = max_body
@@ -53,7 +55,7 @@ def write_config(
     if max_pending is not None:
         store["max_pending_bytes"] = max_pending
     doc: dict[str, Any] = {
-        "receivers": {"otlp": {"protocols": {"http": http}}},
+        "receivers": {"otlp": {"protocols": {"http": http, **({"grpc": {"endpoint": "127.0.0.1:0"}} if grpc else {})}}},
         "exporters": {"tracetape": store},
         "service": {"pipelines": {"traces": {"receivers": ["otlp"], "exporters": ["tracetape"]}},
                     "telemetry": {"logs": {"level": "warn"}}},
@@ -79,6 +81,7 @@ class CollectorProcess:
         self.config_path = config_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
+        self.grpc_endpoint: str | None = None
         self.stderr_path = config_path.with_suffix(".stderr.log")
 
     def spawn(self) -> None:
@@ -98,7 +101,9 @@ class CollectorProcess:
         reader.join(timeout)
         if not box or not box[0]:
             raise RuntimeError(f"collector did not start: {self.stderr_path.read_text()[-2000:]}")
-        self.url = json.loads(box[0])["http"][0]
+        info = json.loads(box[0])
+        self.url = info["http"][0]
+        self.grpc_endpoint = info["grpc"][0] if info.get("grpc") else None
         return self.url
 
     def start(self) -> str:
@@ -141,7 +146,24 @@ class CollectorProcess:
         self.url = None
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        """VmRSS of the collector and of its ingest worker processes together, in KiB."""
+        return sum(rss_kb(p) for p in [self.pid, *descendants(self.pid)])
+
+
+def descendants(pid: int) -> list[int]:
+    """The live child processes of `pid`, and theirs."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        found += kids
+        todo += kids
+    return found
 
 
 def rss_kb(pid: int) -> int:
