@@ -210,18 +210,29 @@ class Store:
     # ----------------------------------------------------------------------------------------------
     # transactions
 
+    def _begin_read(self) -> lmdb.Transaction:
+        """A read transaction; adopts the size another process grew the map to."""
+        try:
+            return self.env.begin(buffers=False)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=False)
+
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
+        if self.readonly:  # nothing in a read-only process resizes the map (no `_grow`): the gate is moot
+            txn = self._begin_read()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+            return
         with self._gate:
             while self._resizing:
                 self._gate.wait()
             self._readers += 1
         try:
-            try:
-                txn = self.env.begin(buffers=False)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # adopt the size another process grew the map to
-                txn = self.env.begin(buffers=False)
+            txn = self._begin_read()
             try:
                 yield txn
             finally:
@@ -528,12 +539,8 @@ class Store:
 
     def get(self, table: str, key: bytes) -> bytes | None:
         """The stored value under `key` in `table` (blobs in their stored form), or None."""
-        if self.readonly:  # nothing in this process resizes a read-only map (no `_grow`): the gate is moot
-            try:
-                txn = self.env.begin(buffers=False)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-                txn = self.env.begin(buffers=False)
+        if self.readonly:  # `_read` without its generator: the replayer's per-request blob read
+            txn = self._begin_read()
             try:
                 return txn.get(key, db=self._dbs[table])
             finally:

@@ -6,7 +6,8 @@ Contract
 `find_run`, `run`, `steps`, `step`, `blob`, `envelope_occurrence`, `envelope_count`, `spans`. It builds
 every key itself from its own tenant (`collector/keys.py`: every key starts `tenant \\0 scope \\0`) and
 checks, before each read, that the key or scan prefix starts with `tenant \\0` and with an allowed scope;
-it never takes a tenant argument and never reads through the store's unrestricted methods. So whatever a
+it never takes a tenant argument and never reads through the store's unrestricted methods (`find_run` without
+a scope asks `Store.find_run` for its own tenant only, and keeps what lies there). So whatever a
 caller passes, nothing of another tenant (or of a scope the key is not given) can be read: such reads
 return None / empty, exactly as for data that does not exist. An invalid id (one that could not be in a
 key, e.g. holding `\\0`) reads as absent too.
@@ -30,21 +31,26 @@ class TenantStore:
         self.tenant = keys.check_id(tenant, "tenant")
         self.scopes = None if scopes is None else frozenset(keys.check_id(s, "scope") for s in scopes)
         self._root = self.tenant.encode() + keys.SEP
-        self._valid_scopes: set[str] = set()
+        self._prefixes: dict[str, bytes] = {}  # allowed, valid scope -> `tenant \0 scope \0`, checked once
 
     # --- guards -------------------------------------------------------------------------------------------
 
-    def _scope_ok(self, scope: str) -> bool:
-        if scope in self._valid_scopes:
-            return True
+    def _scope_prefix(self, scope: str) -> bytes | None:
+        """`tenant \\0 scope \\0` for an allowed, valid scope (checked once per scope), else None."""
+        prefix = self._prefixes.get(scope)
+        if prefix is not None:
+            return prefix
         if self.scopes is not None and scope not in self.scopes:
-            return False
+            return None
         try:
             keys.check_id(scope, "scope")
         except keys.InvalidId:
-            return False
-        self._valid_scopes.add(scope)
-        return True
+            return None
+        prefix = self._prefixes[scope] = self._own(keys.tenant_prefix(self.tenant, scope), scope)
+        return prefix
+
+    def _scope_ok(self, scope: str) -> bool:
+        return self._scope_prefix(scope) is not None
 
     def _ids_ok(self, scope: str, *ids: str) -> bool:
         if not self._scope_ok(scope):
@@ -83,11 +89,20 @@ class TenantStore:
         return out
 
     def find_run(self, run_id: str, scope: str | None = None) -> list[RunRecord]:
-        """This tenant's runs with this id (one per scope at most)."""
+        """This tenant's runs with this id (one per allowed scope at most). Without a scope: one point read per
+        scope of the tenant (`Store.find_run`'s seek under `tenant \\0`), not a scan of the tenant's runs."""
         if scope is not None:
             found = self.run(scope, run_id)
             return [found] if found is not None else []
-        return [r for r in self.runs() if r.run_id == run_id]
+        try:
+            keys.check_id(run_id, "id")
+        except keys.InvalidId:
+            return []
+        self._own(self._root, None)
+        out = [r for r in self._store.find_run(run_id, self.tenant)
+               if r.tenant == self.tenant and r.run_id == run_id and self._scope_ok(r.scope)]
+        out.sort(key=lambda r: r.started_ns, reverse=True)  # as `runs()` orders them
+        return out
 
     def run(self, scope: str, run_id: str) -> RunRecord | None:
         if not self._ids_ok(scope, run_id):
@@ -113,10 +128,12 @@ class TenantStore:
         return None if raw is None else records.decode_step(raw)
 
     def blob(self, scope: str, digest: bytes) -> bytes | None:
-        """A payload's raw bytes, or None when this tenant's scope does not hold it."""
-        if not self._scope_ok(scope) or len(digest) != 32:
+        """A payload's raw bytes, or None when this tenant's scope does not hold it. The key is the scope's
+        checked prefix + the 32-byte digest (`keys.blob_key`), so it lies in that scope by construction."""
+        prefix = self._scope_prefix(scope)
+        if prefix is None or len(digest) != 32:
             return None
-        stored = self._get("blobs", keys.blob_key(self.tenant, scope, digest), scope)
+        stored = self._store.get("blobs", prefix + digest)
         return None if stored is None else decompress_blob(stored)
 
     def envelope_occurrence(

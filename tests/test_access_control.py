@@ -377,9 +377,11 @@ def test_tenant_store_reads_nothing_of_another_tenant(two_tenants: Store) -> Non
     own = reads(TenantStore(store, "B"), store, "B")
     assert all(own.values()), own  # the same calls do find B's data through B's view
     seen: list[bytes] = []
-    get, scan = store.get, store.scan
+    get, scan, find_run = store.get, store.scan, store.find_run
     store.get = lambda table, key: seen.append(key) or get(table, key)  # type: ignore[method-assign]
     store.scan = lambda table, prefix, **kw: seen.append(prefix) or scan(table, prefix, **kw)  # type: ignore[method-assign]
+    store.find_run = lambda run_id, tenant=None, scope=None: (  # type: ignore[method-assign]
+        seen.append((tenant or "").encode() + b"\x00") or find_run(run_id, tenant, scope))  # its seek's prefix
     view_a = TenantStore(store, "A")
     foreign = reads(view_a, store, "B")
     for name, value in foreign.items():
@@ -393,6 +395,34 @@ def test_tenant_store_reads_nothing_of_another_tenant(two_tenants: Store) -> Non
     assert view_a.run("prod\x00B", "run-b") is None
     assert view_a.steps("prod", "run-a\x00") == [] and view_a.runs("x\x00") == []
     assert all(key.startswith(b"A\x00") for key in seen)
+
+
+def test_tenant_store_finds_a_run_in_each_allowed_scope_by_seeking(tmp_path: Path) -> None:
+    """`find_run` without a scope: one point read per scope of the tenant (scopes that prefix each other, other
+    tenants around, scopes the key is not given), the same runs in the same order as filtering `runs()`."""
+    store = Store(tmp_path / "store", map_size=16 << 20)
+    try:
+        places = [("A", "p"), ("A", "p-x"), ("A", "px"), ("A", "q"), ("AB", "p"), ("B", "p"), ("A", "r")]
+        for n, (tenant, scope) in enumerate(places):
+            for run_id in ("run-1", "run-2", f"other-{n}"):
+                agent = Agent(run_id=run_id, tenant=tenant, scope=scope)
+                agent.model_step(1, body=chat_request(f"{tenant} {scope} {run_id}"),
+                                 started_ns=1_700_000_000_000_000_000 + n * 1_000_000_000)
+                agent.run_span()
+                batch = ingest.prepare(agent.request(), store)
+                assert batch.rejected == 0
+                store.apply([batch])
+                agent.shutdown()
+        for scopes in (None, frozenset({"p", "px", "r"}), frozenset({"nope"})):
+            view = TenantStore(store, "A", scopes)
+            for run_id in ("run-1", "run-2", "other-2", "missing", "bad\x00id"):
+                found = view.find_run(run_id)
+                assert found == [r for r in view.runs() if r.run_id == run_id], (scopes, run_id)
+                assert all(r.tenant == "A" and (scopes is None or r.scope in scopes) for r in found)
+            expected = {"p", "p-x", "px", "q", "r"} if scopes is None else scopes & {"p", "px", "r"}
+            assert {r.scope for r in view.find_run("run-1")} == expected
+    finally:
+        store.close()
 
 
 def test_tenant_store_limits_scopes(two_tenants: Store) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
@@ -345,3 +347,21 @@ def test_find_run_seeks_each_tenant_and_scope(store: Store) -> None:
     assert sorted((r.tenant, r.scope) for r in store.find_run("run-y")) == sorted(places)
     assert sorted((r.tenant, r.scope) for r in store.find_run("run-y", "a")) == [("a", "s"), ("a", "s-b"), ("a", "sb")]
     assert store.find_run("run-q") == [] and len(store.find_run("run-x", "ab", "s")) == 1
+
+
+_ids = st.text(alphabet="ABYZabyz0189._:@+-", min_size=1, max_size=6)  # the id alphabet's extremes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_ids, _ids, _ids), min_size=1, max_size=10))
+def test_the_key_layout_lets_find_run_seek_from_one_tenant_and_scope_to_the_next(keys_in: list[tuple[str, str, str]]) -> None:
+    """What `Store.find_run`'s seek relies on: the run keys of one (tenant, scope) are exactly those in
+    [`T \\0 S \\0`, `T \\0 S \\x01`), whatever other tenants, scopes and run ids (prefixes of each other
+    included) the store holds, so jumping to `T \\0 S \\x01` skips that pair's runs and nothing else."""
+    places = {(t, s) for t, s, _ in keys_in}
+    for tenant, scope in places:
+        low = keys.tenant_prefix(tenant, scope)
+        high = tenant.encode() + keys.SEP + scope.encode() + b"\x01"
+        for t, s, run in keys_in:
+            key = keys.run_key(t, s, run)
+            assert (low <= key < high) == ((t, s) == (tenant, scope)), (tenant, scope, key)
