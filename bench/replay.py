@@ -14,7 +14,9 @@ generator sends, to every server.
      (one write, or the 50 recorded SSE chunks one write each): the physical limit;
    - tracetape: `tracetape replayer --no-record` on the recorded store, one exact-mode session per case with
      `on_exhausted: "repeat_last"` (the K distinct bodies cycle, so after the first pass every request matches
-     its envelope's last occurrence: same lookup path, no error responses);
+     its envelope's last occurrence: same lookup path, no error responses); at max load also with
+     `--payload-cache-mib 0` (every response read from LMDB and decompressed, as on a first pass: the cycling
+     load otherwise finds each response in the replayer's payload cache after its first use);
    - mitmproxy 11.0.2: `mitmdump --mode reverse:... --server-replay FLOWS` with `server_replay_reuse` (the same
      repeat policy) and `server_replay_extra=kill` (a miss fails, never forwarded); FLOWS recorded with
      `mitmdump -w` in front of the stand-in.
@@ -66,6 +68,9 @@ TARGET_RATIO = 0.7
 TARGET_P99_MS = 2.0
 TARGET_FLAT = 1.5
 TENANT = SCOPE = "default"
+UNCACHED = "tracetape, no payload cache"
+"""The replayer with `--payload-cache-mib 0`: every response read from the store and decompressed, as on a
+first pass through a tape (the cycling load otherwise serves each response from the cache after its first use)."""
 
 LUA = r"""
 local reqs = {}
@@ -178,8 +183,8 @@ class Proc:
         return hwm
 
 
-def start_replayer(data: Path, log: Path, collector: str | None = None) -> Proc:
-    cmd = [sys.executable, "-m", "tracetape.cli", "replayer", "--data", str(data), "--port", "0"]
+def start_replayer(data: Path, log: Path, collector: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
+    cmd = [sys.executable, "-m", "tracetape.cli", "replayer", "--data", str(data), "--port", "0", *extra]
     cmd += ["--collector", collector] if collector else ["--no-record"]
     p = Proc("tracetape", cmd, log, first_line=True)
     p.port = int(p.line.split("http://127.0.0.1:", 1)[1].split()[0])
@@ -372,16 +377,19 @@ def throughput(ctx: Ctx, prm: Params, tape: Tape, work: Path, standin_port: int,
         servers["bare aiohttp"] = Proc("bare", [sys.executable, "-m", "bench.replay_peers", "bare", "--port",
                                                str(bare_port), "--plain", str(work / "plain.bin"), "--sse",
                                                str(work / "sse.json")], work / "bare.log", port=bare_port)
-        rep = servers["tracetape"] = start_replayer(tape.seed, work / "replayer.log")
+        servers["tracetape"] = start_replayer(tape.seed, work / "replayer.log")
+        servers[UNCACHED] = start_replayer(tape.seed, work / "replayer-uncached.log", extra=("--payload-cache-mib", "0"))
         for case in ("plain", "sse"):
             paths[("bare aiohttp", case)] = f"/{case}/chat/completions"
-            sid = open_session(rep.port, f"bench-{case}")  # type: ignore[arg-type]
-            paths[("tracetape", case)] = f"/s/{sid}/openai/chat/completions"
+            for name in ("tracetape", UNCACHED):
+                sid = open_session(servers[name].port, f"bench-{case}")  # type: ignore[arg-type]
+                paths[(name, case)] = f"/s/{sid}/openai/chat/completions"
         if mitm_flows is not None:
             servers["mitmproxy"] = start_mitm_replay(mitm_flows, standin_port, work / "mitm-replay.log")
             for case in ("plain", "sse"):
                 paths[("mitmproxy", case)] = CHAT_PATH
         names = list(servers)
+        paced = [n for n in names if n != UNCACHED]  # the uncached replayer: max load only
         for name in names:  # warm-up (and check every request matches)
             for case in ("plain", "sse"):
                 w = wrk(ctx, servers[name].port, paths[(name, case)], files[case], conns=4, seconds=1)  # type: ignore[arg-type]
@@ -416,7 +424,7 @@ def throughput(ctx: Ctx, prm: Params, tape: Tape, work: Path, standin_port: int,
             # moderate: 50 % of the bare server's max (the issue's definition), every server
             target = med("max", case, "bare aiohttp", "rps") / 2
             levels[("moderate", case)] = (paced_conns("bare aiohttp", case, target), target)
-            measure("moderate", case, levels[("moderate", case)][0], DELAY_MS, prm.moderate_rounds, names)
+            measure("moderate", case, levels[("moderate", case)][0], DELAY_MS, prm.moderate_rounds, paced)
             # and 50 % of tracetape's own max (how it behaves when not saturated), bare alongside as the floor
             target = med("max", case, "tracetape", "rps") / 2
             levels[("half-own", case)] = (paced_conns("bare aiohttp", case, target), target)
@@ -445,7 +453,7 @@ def throughput(ctx: Ctx, prm: Params, tape: Tape, work: Path, standin_port: int,
                                 ratio=cpu / bare_cpu, ratio_of="bare aiohttp"))
                 if errors:
                     ctx.note(f"replay {case} max {name}: {errors} errors (non-2xx, read, timeout)")
-            for level, who in (("moderate", names), ("half-own", ["bare aiohttp", "tracetape"])):
+            for level, who in (("moderate", paced), ("half-own", ["bare aiohttp", "tracetape"])):
                 conns, target = levels[(level, case)]
                 label = ("moderate = 50% of bare max" if level == "moderate" else "50% of tracetape max")
                 bare_p99 = med(level, case, "bare aiohttp", "p99_ms")

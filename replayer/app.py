@@ -10,8 +10,9 @@ Routes:
 - `GET /v1/replay/health` → `{"status": "ok", "sessions": N}`
 - `POST /s/{sid}/_tool` → tools answered from the tape (`proxy.handle_tool`)
 - `* /s/{sid}/{profile}/{tail}` → the proxy (`proxy.handle_proxy`)
-Every error is JSON `{"error": code, ...}` with a 4xx for client mistakes; an unexpected failure is a 500
-`{"error": "internal"}` whose details go to the log only. Request bodies are capped (`client_max_size`).
+Every error is JSON `{"error": code, ...}` with a 4xx for client mistakes (a path no route has: 404
+`not_found`, another method: 405 `method_not_allowed`); an unexpected failure is a 500 `{"error": "internal"}`
+whose details go to the log only. Request bodies are capped (`client_max_size`).
 
 Access control, when the state has an `Authenticator` (API keys configured):
 - every `/v1/replay/sessions` route needs the tracetape key (`x-api-key` or `Authorization: Bearer`),
@@ -29,6 +30,7 @@ Without keys nothing is checked (the replayer binds 127.0.0.1 by default).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -49,26 +51,38 @@ DEFAULT_CLIENT_MAX_SIZE = 64 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as err:
-        return web.json_response(err.body, status=err.status)
-    except web.HTTPException as err:
+def json_errors(handler: Handler) -> Handler:
+    """`handler` with every error answered as JSON (see module doc). A wrapper per route rather than an aiohttp
+    middleware: a middleware costs every request two more coroutines and a cache lookup."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as err:
+            return error_response(request, err)
+
+    return answer
+
+
+def error_response(request: web.Request, err: Exception) -> web.StreamResponse:
+    """The JSON answer to an exception a handler raised; re-raises what must not be answered (a redirect, a
+    connection gone)."""
+    if isinstance(err, ApiError):
+        return web.json_response(err.body, status=err.status, headers=err.headers)
+    if isinstance(err, web.HTTPException):
         if err.status < 400:
-            raise
+            raise err
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status, "http_error")
         return web.json_response({"error": code, "message": err.reason}, status=err.status)
-    except web.RequestPayloadError:  # a body that does not decode as its Content-Encoding: the client's mistake
+    if isinstance(err, web.RequestPayloadError):  # a body that does not decode as its Content-Encoding
         return web.json_response({"error": "bad_request", "message": "the request body could not be read"},
                                  status=400)
-    except ConnectionError:
-        raise
-    except Exception:
-        log.exception("replayer request failed: %s %s", request.method,
-                      redaction.redact_text(request.rel_url.raw_path[:200]))
-        return web.json_response({"error": "internal"}, status=500)
+    if isinstance(err, ConnectionError):
+        raise err
+    log.error("replayer request failed: %s %s", request.method, redaction.redact_text(request.rel_url.raw_path[:200]),
+              exc_info=err)
+    return web.json_response({"error": "internal"}, status=500)
 
 
 def _principal(request: web.Request, state: ReplayerState) -> Principal | None:
@@ -102,7 +116,7 @@ async def create_session(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     principal = _principal(request, state)
     options = SessionOptions.from_json(await read_json(request))
-    session = open_session(state.store(), options, principal)
+    session = open_session(state.store(), options, principal, state.payloads)
     if options.record and state.recorder is not None:
         api_key = presented_key(request.headers) if principal is not None else None  # the replay goes with it
         session.recorder = state.recorder.open(session, api_key=api_key)
@@ -151,16 +165,74 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "sessions": len(state.sessions)})
 
 
+class SessionPaths(web.DynamicResource):
+    """`/s/{sid}/{profile}` and `/s/{sid}/{profile}/{tail:.*}` (tail = the rest, possibly empty), matched with one
+    split instead of aiohttp's regular expressions; the values as aiohttp's patterns give them (`{name}` is one
+    path segment without `{` or `}`, `%2F` and `%25` decoded). `match_info` has no `tail` without one."""
+
+    def __init__(self) -> None:
+        super().__init__("/s/{sid}/{profile}/{tail:.*}")
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        parts = path.split("/", 4)
+        if len(parts) < 4 or parts[0] or parts[1] != "s" or not parts[2] or not parts[3]:
+            return None
+        if "{" in path or "}" in path or "%" in path:  # rare: check each segment, decode as aiohttp does
+            return _match_slowly(parts)
+        if len(parts) == 5:
+            return {"sid": parts[2], "profile": parts[3], "tail": parts[4]}
+        return {"sid": parts[2], "profile": parts[3]}
+
+
+def _match_slowly(parts: list[str]) -> dict[str, str] | None:
+    sid, profile = parts[2], parts[3]
+    if any(c in sid or c in profile for c in "{}"):
+        return None
+    found = {"sid": _unquote(sid), "profile": _unquote(profile)}
+    if len(parts) == 5:
+        found["tail"] = _unquote(parts[4])
+    return found
+
+
+def _unquote(value: str) -> str:
+    return value.replace("%2F", "/").replace("%25", "%") if "%" in value else value
+
+
+async def session_path(request: web.Request) -> web.StreamResponse:
+    """`POST /s/{sid}/_tool` is the tools endpoint; anything else under `/s/{sid}/{profile}` is the proxy.
+    Errors are answered as `json_errors` answers them."""
+    try:
+        info = request.match_info
+        if request.method == "POST" and info["profile"] == "_tool" and "tail" not in info:
+            return await proxy.handle_tool(request)
+        return await proxy.handle_proxy(request)
+    except Exception as err:
+        return error_response(request, err)
+
+
+async def not_routed(request: web.Request) -> web.StreamResponse:
+    """What no route takes: 405 when some route has the path (another method), else 404 — JSON, as every error."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        return web.json_response({"error": "method_not_allowed", "message": "Method Not Allowed"}, status=405)
+    return web.json_response({"error": "not_found", "message": "Not Found"}, status=404)
+
+
 def make_app(state: ReplayerState, *, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
-    app = web.Application(client_max_size=client_max_size, middlewares=[json_errors])
+    app = web.Application(client_max_size=client_max_size)
     app[proxy.MAX_BODY_KEY] = client_max_size
     app[STATE_KEY] = state
-    app.router.add_post("/v1/replay/sessions", create_session)
-    app.router.add_get("/v1/replay/sessions", list_sessions)
-    app.router.add_get("/v1/replay/sessions/{sid}", get_session)
-    app.router.add_delete("/v1/replay/sessions/{sid}", delete_session)
-    app.router.add_get("/v1/replay/health", health)
-    app.router.add_post("/s/{sid}/_tool", proxy.handle_tool)
-    app.router.add_route("*", "/s/{sid}/{profile}", proxy.handle_proxy)
-    app.router.add_route("*", "/s/{sid}/{profile}/{tail:.*}", proxy.handle_proxy)
+    sessions = SessionPaths()
+    app.router.register_resource(sessions)
+    sessions.add_route("*", session_path)
+    app.router.add_post("/v1/replay/sessions", json_errors(create_session))
+    app.router.add_get("/v1/replay/sessions", json_errors(list_sessions))
+    app.router.add_get("/v1/replay/sessions/{sid}", json_errors(get_session))
+    app.router.add_delete("/v1/replay/sessions/{sid}", json_errors(delete_session))
+    app.router.add_get("/v1/replay/health", json_errors(health))
+    app.router.add_route("*", "/{path:.*}", not_routed)  # last: resolved only when nothing else matched
     return app

@@ -6,7 +6,8 @@ Contract:
   (stored redacted, so it is hashed as recording hashed it); `contract.envelope_hash` of it equals the
   attempt's `envelope_hash` for every attempt recorded under the current `CANON_PROFILE`.
 - `received_envelope(method, path, query, headers, body)` is what recording would have hashed for a live
-  request: the body is redacted first (`redaction.redact_body`), credential headers are dropped.
+  request: the body is redacted first (`redaction.redact_body`), credential headers are dropped. Only the
+  semantic headers (`contract.SEMANTIC_HEADERS`) reach the envelope, so passing just those gives the same.
 - `envelope_diff(expected, received)`: differences of the request-line parts as `$method`, `$path`,
   `$query`, `$headers.NAME`, then the body's as paths relative to the body (`messages[3].content`; `$` is
   the whole body).
@@ -24,8 +25,13 @@ from tracetape.replayer.jsondiff import Change
 
 
 def recorded_envelope(attempt: AttemptRecord, body: bytes) -> dict[str, Any]:
-    parts = urlsplit(attempt.url)
-    return contract.http_envelope(attempt.method or "GET", parts.path, parts.query, attempt.request_headers, body)
+    return recorded_request_envelope(attempt.method or "GET", attempt.url, attempt.request_headers, body)
+
+
+def recorded_request_envelope(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> dict[str, Any]:
+    """`recorded_envelope` from the attempt's stored parts."""
+    parts = urlsplit(url)
+    return contract.http_envelope(method or "GET", parts.path, parts.query, headers, body)
 
 
 def received_envelope(method: str, path: str, query: str, headers: list[tuple[str, str]],

@@ -9,11 +9,14 @@ from tracetape.instrumentation import encodings
 
 
 class ApiError(Exception):
-    """Answer `status` with JSON `{"error": code, **fields}`. Messages never carry payloads or secrets."""
+    """Answer `status` with JSON `{"error": code, **fields}` (and `headers`, e.g. `Retry-After`). Messages never
+    carry payloads or secrets."""
 
-    def __init__(self, status: int, code: str, message: str = "", **fields: Any) -> None:
+    def __init__(self, status: int, code: str, message: str = "", *, headers: dict[str, str] | None = None,
+                 **fields: Any) -> None:
         super().__init__(message or code)
         self.status = status
+        self.headers = headers
         self.body: dict[str, Any] = {"error": code, **({"message": message} if message else {}), **fields}
 
 
@@ -42,7 +45,7 @@ async def read_json(request: Any, limit: int = MAX_API_BODY) -> Any:
     slip past a Content-Length check), 400 when it is not JSON or nests deeper than the decoder goes."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "request_too_large", f"at most {limit} bytes")
-    data = await request.content.read(limit + 1)
+    data = await _read_at_most(request, limit + 1)
     if len(data) > limit:
         raise ApiError(413, "request_too_large", f"at most {limit} bytes")
     data = decoded_body(data, request.headers.get("Content-Encoding"), limit)
@@ -50,3 +53,16 @@ async def read_json(request: Any, limit: int = MAX_API_BODY) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as err:  # RecursionError: JSON nested past the decoder
         raise ApiError(400, "bad_request", "the body must be JSON") from err
+
+
+async def _read_at_most(request: Any, size: int) -> bytes:
+    """The body's first `size` bytes (all of it when shorter): `read(n)` returns what has arrived, up to n."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = await request.content.read(size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracetape.collector.records import StepRecord
 
@@ -31,17 +31,15 @@ MISS = "miss"
 EXHAUSTED = "exhausted"
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """One recorded attempt: its step's index in the run and its position in `step.attempts`."""
 
     step_index: int
     attempt_pos: int
 
 
-@dataclass(frozen=True)
-class Claim:
-    """The outcome of matching one request (see module doc)."""
+class Claim(NamedTuple):
+    """The outcome of matching one request (see module doc). Immutable."""
 
     kind: str
     envelope_hash: str
@@ -58,6 +56,7 @@ class MatchIndex:
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted must be one of {', '.join(ON_EXHAUSTED)}")
         self.on_exhausted = on_exhausted
+        self._repeat_last = on_exhausted == ON_EXHAUSTED_REPEAT_LAST
         self._slots: dict[str, list[Slot]] = {}
         for index, step in enumerate(steps):
             for pos, attempt in enumerate(step.attempts):
@@ -83,14 +82,19 @@ class MatchIndex:
         slots = self._slots.get(envelope_hash)
         if not slots:
             return Claim(MISS, envelope_hash)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             ordinal = self._next.get(envelope_hash, 0)
             self._next[envelope_hash] = ordinal + 1
-        if ordinal < len(slots):
-            return Claim(HIT, envelope_hash, ordinal, len(slots), slots[ordinal])
-        if self.on_exhausted == ON_EXHAUSTED_REPEAT_LAST:
-            return Claim(HIT, envelope_hash, ordinal, len(slots), slots[-1], repeated=True)
-        return Claim(EXHAUSTED, envelope_hash, ordinal, len(slots))
+        finally:
+            lock.release()
+        n = len(slots)
+        if ordinal < n:
+            return Claim(HIT, envelope_hash, ordinal, n, slots[ordinal], False)
+        if self._repeat_last:
+            return Claim(HIT, envelope_hash, ordinal, n, slots[-1], True)
+        return Claim(EXHAUSTED, envelope_hash, ordinal, n)
 
     def claimed(self, envelope_hash: str) -> int:
         """How many requests with this envelope have been matched so far."""

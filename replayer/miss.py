@@ -12,16 +12,23 @@ served}], "diff": [{path, op, expected, received}], "hint"}`.
 - diff: `envelopes.envelope_diff` between the expected step's recomputed envelope and the received one,
   values previewed (`PREVIEW_CHARS`). No header values beyond the semantic ones ever appear; bodies are
   redacted before they get here, so no secret is echoed.
+It is done in three parts so that the middle one can run in another process for a huge body (bug R5):
+`plan_miss` (the session's state and the store: which steps to compare, their recorded requests),
+`compare` (pure: the recorded envelopes against the received one) and `assemble` (the body).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from tracetape.instrumentation import contract
-from tracetape.replayer.envelopes import envelope_diff, recorded_envelope
+from tracetape.instrumentation import contract, redaction
+from tracetape.replayer.envelopes import envelope_diff, recorded_request_envelope
 from tracetape.replayer.matching import EXHAUSTED, Claim
-from tracetape.replayer.session import ReplaySession
+
+if TYPE_CHECKING:
+    from tracetape.replayer.session import ReplaySession
 
 MAX_CANDIDATES = 3
 MAX_SCANNED = 64
@@ -29,16 +36,114 @@ MAX_DIFF = 50
 PREVIEW_CHARS = 500
 
 
-def _step_envelope(session: ReplaySession, index: int) -> dict[str, Any] | None:
-    step = session.steps[index]
-    if not step.attempts or step.kind == contract.STEP_KIND_TOOL:
-        return None
-    attempt = step.attempts[0]
+@dataclass(frozen=True)
+class RecordedRequest:
+    """A recorded step's first attempt, as its envelope is recomputed (picklable)."""
+
+    index: int
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    served: bool = False
+
+    def envelope(self) -> dict[str, Any]:
+        return recorded_request_envelope(self.method, self.url, self.headers, self.body)
+
+
+@dataclass
+class MissPlan:
+    """What to compare the received request with (from the session and the store; see module doc)."""
+
+    same_route: list[int]
+    candidates: list[RecordedRequest]  # same route, one per distinct envelope, issue order
+    expected: int | None  # None: the best candidate, once compared
+    expected_request: RecordedRequest | None  # the expected step's request when it is to be diffed
+    diff_expected: bool
+    fallback_diff: bool = field(default=False)  # diff the best candidate when `expected` is None
+
+
+@dataclass
+class Comparison:
+    """The result of `compare`: differences per candidate, the expected step, its diff (JSON)."""
+
+    differences: dict[int, int]
+    expected: int | None
+    diff: list[dict[str, Any]]
+
+
+def _head(session: ReplaySession, index: int) -> tuple[str, str]:
+    """(method, path) of a recorded step's envelope, without its body."""
+    attempt = session.steps[index].attempts[0]
+    path = contract.normalize_path(redaction.redact_text(urlsplit(attempt.url).path))
+    return (attempt.method or "GET").upper(), path
+
+
+def _recorded(session: ReplaySession, index: int) -> RecordedRequest | None:
+    """A step's recorded request with its body, None when the store lost the body."""
+    attempt = session.steps[index].attempts[0]
     try:
         body = session.blob(attempt.request_body)
     except Exception:
         return None
-    return recorded_envelope(attempt, body)
+    return RecordedRequest(index, attempt.method or "GET", attempt.url, list(attempt.request_headers), body,
+                           session.coverage.is_served(index))
+
+
+def plan_miss(session: ReplaySession, method: Any, path: Any, received_hash: str, claim: Claim) -> MissPlan:
+    """The steps to compare a request (its envelope's method and path) with (see module doc)."""
+    http = [i for i, s in enumerate(session.steps) if s.kind != contract.STEP_KIND_TOOL and s.attempts]
+    same_route: list[int] = []
+    requests: dict[int, RecordedRequest] = {}
+    for i in http:
+        if len(same_route) >= MAX_SCANNED:
+            break
+        if _head(session, i) == (method, path):
+            recorded = _recorded(session, i)
+            if recorded is not None:
+                same_route.append(i)
+                requests[i] = recorded
+    expected: int | None = None
+    if claim.kind == EXHAUSTED:
+        slots = session.index.slots(received_hash)
+        expected = slots[-1].step_index if slots else None
+    else:
+        served = session.coverage.is_served
+        expected = next((i for i in same_route if not served(i)), None)
+        if expected is None:
+            expected = next((i for i in http if not served(i)), None)
+    seen: set[str] = set()
+    candidates: list[RecordedRequest] = []
+    for i in same_route:
+        if session.steps[i].envelope_hash not in seen:
+            seen.add(session.steps[i].envelope_hash)
+            candidates.append(requests[i])
+    diff_expected = claim.kind != EXHAUSTED
+    expected_request = None
+    if diff_expected and expected is not None:
+        expected_request = requests.get(expected) or _recorded(session, expected)
+    return MissPlan(same_route, candidates, expected, expected_request, diff_expected,
+                    fallback_diff=diff_expected and expected is None)
+
+
+def compare(received: dict[str, Any], plan: MissPlan) -> Comparison:
+    """Pure: the candidates' differences from `received`, the expected step and its diff (see module doc)."""
+    envelopes: dict[int, dict[str, Any]] = {}
+    differences: dict[int, int] = {}
+    for req in plan.candidates:
+        envelopes[req.index] = req.envelope()
+        differences[req.index] = len(envelope_diff(envelopes[req.index], received, limit=MAX_DIFF))
+    expected = plan.expected
+    target = plan.expected_request
+    if expected is None and plan.candidates:
+        best = min(plan.candidates, key=lambda r: (differences[r.index], r.served, r.index))
+        expected = best.index
+        target = best if plan.fallback_diff else None
+    diff: list[dict[str, Any]] = []
+    if target is not None:
+        env = envelopes.get(target.index) or target.envelope()
+        diff = [ch.to_json(PREVIEW_CHARS) for ch in envelope_diff(env, received, limit=MAX_DIFF)]
+    return Comparison(differences, expected, diff)
 
 
 def _summary(session: ReplaySession, index: int) -> dict[str, Any]:
@@ -46,56 +151,13 @@ def _summary(session: ReplaySession, index: int) -> dict[str, Any]:
     return {"index": index, "name": step.name, "envelope_hash": step.envelope_hash}
 
 
-def miss_body(session: ReplaySession, received: dict[str, Any], received_hash: str, claim: Claim) -> dict[str, Any]:
-    method, path = received.get("method"), received.get("path")
-    http = [i for i, s in enumerate(session.steps) if s.kind != contract.STEP_KIND_TOOL and s.attempts]
-    envs: dict[int, dict[str, Any] | None] = {}
-
-    def env(i: int) -> dict[str, Any] | None:
-        if i not in envs:
-            envs[i] = _step_envelope(session, i)
-        return envs[i]
-
-    same_route: list[int] = []
-    for i in http:
-        e = env(i) if len(same_route) < MAX_SCANNED else None
-        if e is not None and e.get("method") == method and e.get("path") == path:
-            same_route.append(i)
-
-    expected: int | None = None
-    if claim.kind == EXHAUSTED:
-        slots = session.index.slots(received_hash)
-        expected = slots[-1].step_index if slots else None
-    else:
-        unserved = [i for i in same_route if not session.coverage.is_served(i)]
-        any_unserved = [i for i in http if not session.coverage.is_served(i)]
-        if unserved:
-            expected = unserved[0]
-        elif any_unserved:
-            expected = any_unserved[0]
-
-    candidates: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i in same_route:
-        step = session.steps[i]
-        if step.envelope_hash in seen:
-            continue
-        seen.add(step.envelope_hash)
-        e = env(i)
-        assert e is not None
-        n = len(envelope_diff(e, received, limit=MAX_DIFF))
-        candidates.append({**_summary(session, i), "differences": n, "served": session.coverage.is_served(i)})
+def assemble(session: ReplaySession, plan: MissPlan, result: Comparison, method: Any, path: Any,
+             received_hash: str, claim: Claim) -> dict[str, Any]:
+    """The 409 body (see module doc) from a plan and its comparison."""
+    candidates = [{**_summary(session, r.index), "differences": result.differences[r.index], "served": r.served}
+                  for r in plan.candidates]
     candidates.sort(key=lambda c: (c["differences"], c["served"], c["index"]))
-    candidates = candidates[:MAX_CANDIDATES]
-    if expected is None and candidates:
-        expected = candidates[0]["index"]
-
-    diff: list[dict[str, Any]] = []
-    if expected is not None and claim.kind != EXHAUSTED:
-        e = env(expected)
-        if e is not None:
-            diff = [ch.to_json(PREVIEW_CHARS) for ch in envelope_diff(e, received, limit=MAX_DIFF)]
-
+    expected = result.expected
     body: dict[str, Any] = {
         "error": "replay_exhausted" if claim.kind == EXHAUSTED else "replay_miss",
         "run": session.run.run_id,
@@ -104,14 +166,21 @@ def miss_body(session: ReplaySession, received: dict[str, Any], received_hash: s
         "expected_step": _summary(session, expected) if expected is not None else None,
         "received_envelope_hash": received_hash,
         "received": {"method": method, "path": path},
-        "candidates": candidates,
-        "diff": diff,
-        "hint": _hint(session, claim, method, path, expected, diff, same_route),
+        "candidates": candidates[:MAX_CANDIDATES],
+        "diff": result.diff,
+        "hint": _hint(session, claim, method, path, expected, result.diff, plan.same_route),
     }
     if claim.kind == EXHAUSTED:
         body["recorded_occurrences"] = claim.recorded
         body["occurrence"] = claim.ordinal
     return body
+
+
+def miss_body(session: ReplaySession, received: dict[str, Any], received_hash: str, claim: Claim) -> dict[str, Any]:
+    """The 409 body for `received` (an envelope) that `claim` did not match (see module doc)."""
+    method, path = received.get("method"), received.get("path")
+    plan = plan_miss(session, method, path, received_hash, claim)
+    return assemble(session, plan, compare(received, plan), method, path, received_hash, claim)
 
 
 def _hint(session: ReplaySession, claim: Claim, method: Any, path: Any, expected: int | None,

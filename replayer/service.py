@@ -1,7 +1,8 @@
 """`tracetape replayer`: the replayer service, as a command and as an in-process object.
 
 `ReplayerService(...)`: `await start()` binds (port 0 = any free port; `.port`/`.url` tell which), `await
-stop()` ends every open session (their replay runs are ended and flushed) and closes the upstream client.
+stop()` ends every open session (their replay runs are ended and flushed), closes the upstream client and stops
+the worker processes for huge bodies (`replayer/heavy.py`).
 Give it `store=` to share a Store already open in this process (the collector's, in `tracetape up`: LMDB
 forbids opening one environment twice in a process); otherwise it opens `data` read-only on first use, so it
 may start before the collector has written anything. `collector=None` (or `record=False`) disables the
@@ -31,6 +32,8 @@ from tracetape.collector.store import Store
 from tracetape.errors import CliError
 from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
 from tracetape.replayer.forward import new_client
+from tracetape.replayer.payloads import DEFAULT_MAX_BYTES as DEFAULT_PAYLOAD_CACHE
+from tracetape.replayer.payloads import PayloadCache
 from tracetape.replayer.profiles import Profile, build_profiles
 from tracetape.replayer.recorder import ReplayRecorder
 from tracetape.replayer.runref import default_data_dir
@@ -59,6 +62,7 @@ class ReplayerService:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
         authenticator: Authenticator | None = None,
+        payload_cache_bytes: int = DEFAULT_PAYLOAD_CACHE,
     ) -> None:
         self.data = os.fspath(data) if data is not None else default_data_dir()
         self._shared_store = store
@@ -70,7 +74,8 @@ class ReplayerService:
             recorder = ReplayRecorder(collector, exporter)
         self.state = ReplayerState(
             open_store=self._open_store, profiles=profiles or build_profiles(),
-            sessions=SessionManager(max_sessions), recorder=recorder, authenticator=authenticator)
+            sessions=SessionManager(max_sessions), recorder=recorder, authenticator=authenticator,
+            payloads=PayloadCache(payload_cache_bytes))
         self._runner: web.AppRunner | None = None
 
     def _open_store(self) -> Store:
@@ -119,6 +124,7 @@ class ReplayerService:
         if self.state.client is not None:
             await self.state.client.close()
             self.state.client = None
+        await asyncio.get_running_loop().run_in_executor(None, self.state.heavy.shutdown)
         if self.state.recorder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.state.recorder.shutdown)
             self.state.recorder = None
@@ -163,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an upstream profile: real base URL for live calls (repeatable)")
     parser.add_argument("--profiles", default=None, metavar="FILE", help="profiles file (JSON or YAML)")
     parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    parser.add_argument("--payload-cache-mib", type=int, default=DEFAULT_PAYLOAD_CACHE >> 20, metavar="MIB",
+                        help="memory for recently served payloads, decompressed (default %(default)s; 0: none)")
     parser.add_argument("--api-keys", default=None, metavar="FILE",
                         help="require API keys: a YAML/JSON file {keys: [{sha256, tenant, scopes}]} (sha256 of "
                              "each key: printf %%s KEY | sha256sum)")
@@ -176,7 +184,8 @@ def service_from_args(args: argparse.Namespace, store: Store | None = None) -> R
     return ReplayerService(
         data=args.data, store=store, host=args.host, port=args.port,
         profiles=build_profiles(args.upstream, args.profiles), collector=args.collector,
-        record=not args.no_record, max_sessions=args.max_sessions, authenticator=authenticator)
+        record=not args.no_record, max_sessions=args.max_sessions, authenticator=authenticator,
+        payload_cache_bytes=max(0, getattr(args, "payload_cache_mib", DEFAULT_PAYLOAD_CACHE >> 20)) << 20)
 
 
 async def serve_forever(services: list[Any]) -> None:

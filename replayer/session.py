@@ -7,7 +7,9 @@ Contract:
   the id exists in several tenant/scopes and none was given), refuses a run that is not replayable (409
   `not_replayable` with the reason: `running`, `execution_incomplete`, `recording_failure`,
   `manually_invalidated`, `canon_profile`, ...) unless `force`, then reads the run's steps with ONE store scan and builds the
-  `MatchIndex`. Nothing else reads the store per request except payload blobs (one get each).
+  `MatchIndex` and the `ExactIndex` (`replayer/exact.py`: recorded requests by their exact bytes). Nothing else
+  reads the store per request except payload blobs (one get each). Each attempt's response headers and chunk
+  boundaries are worked out once per session (`served_headers`, `chunk_bounds`).
 - Every read of a session goes through a `TenantStore` (`session.store`): with an API key's `principal`,
   that of the key's tenant (and scopes), so the run is looked up ONLY there, and a run that is not there —
   absent, or another tenant's — is 403 `forbidden`, the same answer either way (it never says whether the
@@ -23,6 +25,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -37,7 +40,10 @@ from tracetape.collector.tenant_store import TenantStore
 from tracetape.instrumentation import contract
 from tracetape.replayer.coverage import Coverage
 from tracetape.replayer.errors import ApiError
+from tracetape.replayer.exact import ExactIndex
 from tracetape.replayer.matching import ON_EXHAUSTED, ON_EXHAUSTED_ERROR, MatchIndex
+from tracetape.replayer.payloads import PayloadCache
+from tracetape.replayer.tape import AttemptHeaders, attempt_headers, chunk_bounds
 
 MODE_EXACT = "exact"
 MODE_STEP = "step"
@@ -154,7 +160,13 @@ class ReplaySession:
     diverged: bool = False
     closed: bool = False
     recorder: Any = None  # replayer.recorder.SessionRecorder when this session records
+    exact: ExactIndex | None = None
+    """Recorded requests by their exact bytes (built by `open_session`; None: every request takes the slow path)."""
+    payloads: PayloadCache | None = None
+    """The replayer's cache of decompressed payloads (None: every payload is read from the store)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _headers: dict[tuple[int, int], AttemptHeaders] = field(default_factory=dict)
+    _bounds: dict[tuple[int, int, int], list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def tenant(self) -> str:
@@ -168,14 +180,48 @@ class ReplaySession:
         step = self.steps[step_index]
         return step, step.attempts[attempt_pos]
 
+    def served_headers(self, step_index: int, attempt_pos: int) -> AttemptHeaders:
+        """The response headers of a recorded attempt, built on first use and kept for the session."""
+        key = (step_index, attempt_pos)
+        headers = self._headers.get(key)
+        if headers is None:
+            headers = self._headers[key] = attempt_headers(self.steps[step_index].attempts[attempt_pos])
+        return headers
+
+    def chunk_bounds(self, step_index: int, attempt_pos: int, size: int) -> list[tuple[int, int]]:
+        """`tape.chunk_bounds` of a recorded attempt's `size`-byte response, computed once per session."""
+        key = (step_index, attempt_pos, size)
+        bounds = self._bounds.get(key)
+        if bounds is None:
+            ends = self.steps[step_index].attempts[attempt_pos].chunk_ends
+            bounds = self._bounds[key] = chunk_bounds(ends or [size], size)
+        return bounds
+
     def blob(self, ref: PayloadRef | None) -> bytes:
-        """A payload's bytes (empty for None); 500-level `ApiError` when the store lost it."""
+        """A payload's bytes (empty for None); 500-level `ApiError` when the store lost it. Read through the
+        session's `TenantStore`, or from the payload cache once such a read has put it there."""
         if ref is None:
             return b""
-        data = self.store.blob(self.scope, ref.digest)
+        cache = self.payloads
+        if cache is None:
+            return self._stored_blob(ref.digest)
+        key = self._blob_prefix + ref.digest
+        data = cache.get(key)
+        if data is None:
+            data = self._stored_blob(ref.digest)
+            cache.put(key, data)
+        return data
+
+    def _stored_blob(self, digest: bytes) -> bytes:
+        data = self.store.blob(self.scope, digest)
         if data is None:
             raise ApiError(502, "payload_missing", "a recorded payload is not in the store")
         return data
+
+    @functools.cached_property
+    def _blob_prefix(self) -> bytes:
+        """`tenant \\0 scope \\0`: blob keys (`keys.blob_key`) are this + the digest."""
+        return keys.tenant_prefix(self.tenant, self.scope)
 
     def mark_diverged(self) -> None:
         with self._lock:
@@ -242,8 +288,10 @@ def new_replay_run_id(original: str) -> str:
     return original[: 128 - len(suffix)] + suffix
 
 
-def open_session(store: Store, options: SessionOptions, principal: Principal | None = None) -> ReplaySession:
-    """Load a run for replay (see module doc): one scan of its steps, then the in-memory index."""
+def open_session(store: Store, options: SessionOptions, principal: Principal | None = None,
+                 payloads: PayloadCache | None = None) -> ReplaySession:
+    """Load a run for replay (see module doc): one scan of its steps, then the in-memory indexes. `payloads`:
+    the replayer's payload cache, shared by its sessions."""
     if principal is not None:
         reader = TenantStore(store, principal.tenant, principal.scopes)
         run = find_own_run(reader, options)
@@ -263,6 +311,8 @@ def open_session(store: Store, options: SessionOptions, principal: Principal | N
         run=run,
         steps=steps,
         index=MatchIndex(steps, options.on_exhausted),
+        exact=ExactIndex(steps, run),
+        payloads=payloads,
         store=reader,
         replay_run_id=options.replay_run_id or new_replay_run_id(run.run_id),
         owner=principal.tenant if principal is not None else None,

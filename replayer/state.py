@@ -1,4 +1,5 @@
-"""What the replayer's handlers share: the store, the sessions, the profiles, the upstream client, the recorder."""
+"""What the replayer's handlers share: the store, the sessions, the profiles, the upstream client, the recorder,
+the payload cache, the worker pool for huge bodies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import aiohttp
 from tracetape.collector.auth import Authenticator
 from tracetape.collector.store import Store, StoreError
 from tracetape.replayer.errors import ApiError
+from tracetape.replayer.heavy import HeavyPool
+from tracetape.replayer.payloads import PayloadCache
 from tracetape.replayer.profiles import Profile
 from tracetape.replayer.recorder import ReplayRecorder
 from tracetape.replayer.session import SessionManager
@@ -26,6 +29,10 @@ class ReplayerState:
     recorder: ReplayRecorder | None = None
     authenticator: Authenticator | None = None
     """API keys (`replayer/app.py` says what they guard); None: nothing is checked."""
+    payloads: PayloadCache = field(default_factory=PayloadCache)
+    """Decompressed payloads recently served, shared by the sessions (`replayer/payloads.py`)."""
+    heavy: HeavyPool = field(default_factory=HeavyPool)
+    """Worker processes for the CPU work on huge request bodies (`replayer/heavy.py`); shut down by the service."""
     _store: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

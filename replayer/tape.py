@@ -12,7 +12,10 @@ Contract (`serve_attempt`):
   broken stream and its retry logic runs again; a stream the application closed early (`closed`,
   `dropped`) writes the bytes recorded and ends cleanly (the application stops reading there again);
 - nothing here talks to an upstream. A client that disconnects mid-stream ends the write quietly.
-Returns an `Outcome` (what was sent) for coverage and recording.
+Returns an `Outcome` (what was sent) for coverage and recording; with `outcome=False` (the session does not
+record) a complete non-streamed answer returns None instead (nothing to report).
+`attempt_headers(attempt)` are the headers sent for an attempt, `x-tracetape-replayed-from` included: a session
+builds them once per attempt and passes them in (aiohttp copies them into each response).
 """
 
 from __future__ import annotations
@@ -72,54 +75,99 @@ async def _sleep_until(t0: float, offset_s: float) -> None:
         await asyncio.sleep(delay)
 
 
-def _chunks(body: bytes, ends: list[int]) -> list[bytes]:
-    out: list[bytes] = []
+def chunk_bounds(ends: list[int], size: int) -> list[tuple[int, int]]:
+    """The (start, end) of each recorded chunk of a `size`-byte body: the recorded ends, clamped and made
+    increasing; empty chunks dropped; whatever follows the last end is one more chunk."""
+    out: list[tuple[int, int]] = []
     start = 0
     for end in ends:
-        end = min(max(end, start), len(body))
+        end = min(max(end, start), size)
         if end > start:
-            out.append(body[start:end])
+            out.append((start, end))
         start = end
-    if start < len(body):
-        out.append(body[start:])
+    if start < size:
+        out.append((start, size))
     return out
 
 
-async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: bytes, *, pace: float) -> tuple[web.StreamResponse, Outcome]:
-    t0 = time.monotonic()
-    started_ns = time.time_ns()
-    broken = attempt.end_reason == contract.END_ERROR
-    if attempt.status is None:
-        if pace:
-            await _sleep_until(t0, attempt.duration_ms / 1000 * pace)
-        abort(request)
-        outcome = Outcome(None, aborted=True, end_reason=contract.END_ERROR, error_type=attempt.error_type,
-                          error_message=attempt.error_message, started_ns=started_ns, ended_ns=time.time_ns())
-        return web.Response(status=499), outcome  # never sent: the connection is gone
+@dataclass(frozen=True)
+class AttemptHeaders:
+    """A recorded attempt's answer, prepared once: `send` goes on the wire (aiohttp copies it; never mutated),
+    `reported` is what an `Outcome` carries (no lineage header); `whole`: the answer is one piece — not
+    streamed, not broken, not a transport failure — so unpaced it is just `web.Response(status, send, body)`."""
+
+    send: CIMultiDict[str]
+    reported: list[tuple[str, str]]
+    status: int = 0
+    whole: bool = False
+
+
+def attempt_headers(attempt: AttemptRecord) -> AttemptHeaders:
+    """The headers sent for a recorded attempt (see module doc), and whether it is answered whole."""
     headers = response_headers(attempt.response_headers)
     if not attempt.content_encoding:  # the body was stored decoded (a masked secret, or an aiohttp recording)
         headers.popall("content-encoding", None)
-    outcome = Outcome(attempt.status, list(headers.items()), body, started_ns=started_ns,
-                      end_reason=attempt.end_reason or contract.END_EXHAUSTED)
+    reported = list(headers.items())
     headers[contract.REPLAYED_FROM_HEADER] = f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"  # lineage only
-    if not (attempt.streamed and attempt.chunk_ends) and not broken:
-        if pace:
-            await _sleep_until(t0, attempt.duration_ms / 1000 * pace)
-        outcome.ended_ns = time.time_ns()
-        return web.Response(status=attempt.status, headers=headers, body=body), outcome
-    resp = web.StreamResponse(status=attempt.status, headers=headers)
-    chunks = _chunks(body, attempt.chunk_ends or [len(body)])
-    times = attempt.chunk_times_us
+    status = attempt.status
+    whole = not (status is None or attempt.end_reason == contract.END_ERROR or (attempt.streamed and attempt.chunk_ends))
+    return AttemptHeaders(headers, reported, status or 0, whole)
+
+
+async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: bytes, *, pace: float,
+                        headers: AttemptHeaders | None = None, outcome: bool = True,
+                        bounds: list[tuple[int, int]] | None = None) -> tuple[web.StreamResponse, Outcome | None]:
+    """Answer `request` with the recorded `attempt` and its response `body` (see module doc). `bounds`: the
+    body's `chunk_bounds`, when the caller keeps them."""
+    status = attempt.status
+    if status is None:
+        return await _serve_failure(request, attempt, pace)
+    if headers is None:
+        headers = attempt_headers(attempt)
+    broken = attempt.end_reason == contract.END_ERROR
+    if broken or (attempt.streamed and attempt.chunk_ends):
+        if bounds is None:
+            bounds = chunk_bounds(attempt.chunk_ends or [len(body)], len(body))
+        return await _serve_stream(request, attempt, status, body, headers, bounds, pace, broken, outcome)
+    started_ns = time.time_ns() if outcome else 0
+    if pace:
+        await _sleep_until(time.monotonic(), attempt.duration_ms / 1000 * pace)
+    resp = web.Response(status=status, headers=headers.send, body=body)
+    if not outcome:
+        return resp, None
+    return resp, Outcome(status, list(headers.reported), body, started_ns=started_ns, ended_ns=time.time_ns(),
+                         end_reason=attempt.end_reason or contract.END_EXHAUSTED)
+
+
+async def _serve_failure(request: web.Request, attempt: AttemptRecord, pace: float) -> tuple[web.StreamResponse, Outcome]:
+    """A recorded transport failure: no response, the connection is dropped."""
+    t0 = time.monotonic()
+    started_ns = time.time_ns()
+    if pace:
+        await _sleep_until(t0, attempt.duration_ms / 1000 * pace)
+    abort(request)
+    outcome = Outcome(None, aborted=True, end_reason=contract.END_ERROR, error_type=attempt.error_type,
+                      error_message=attempt.error_message, started_ns=started_ns, ended_ns=time.time_ns())
+    return web.Response(status=499), outcome  # never sent: the connection is gone
+
+
+async def _serve_stream(request: web.Request, attempt: AttemptRecord, status: int, body: bytes,
+                        headers: AttemptHeaders, bounds: list[tuple[int, int]], pace: float, broken: bool,
+                        sent_chunks: bool) -> tuple[web.StreamResponse, Outcome]:
+    """A streamed (or broken) response, written chunk by chunk at the recorded boundaries. The `Outcome` lists
+    the chunks sent (ends, times) only when `sent_chunks` (the session records)."""
+    t0 = time.monotonic()
+    outcome = Outcome(status, list(headers.reported), body, started_ns=time.time_ns(),
+                      end_reason=attempt.end_reason or contract.END_EXHAUSTED)
+    resp = web.StreamResponse(status=status, headers=headers.send)
     try:
         await resp.prepare(request)
-        sent = 0
-        for i, chunk in enumerate(chunks):
-            if pace and i < len(times):
-                await _sleep_until(t0, times[i] / 1e6 * pace)
-            await resp.write(chunk)
-            sent += len(chunk)
-            outcome.chunk_ends.append(sent)
-            outcome.chunk_times_us.append(int((time.monotonic() - t0) * 1e6))
+        if pace or sent_chunks:
+            await _write_tracked(resp, body, bounds, attempt.chunk_times_us, t0, pace, outcome)
+        else:
+            write = resp.write
+            for start, end in bounds:
+                await write(body[start:end])
         if broken:
             outcome.aborted = True
             abort(request)
@@ -133,3 +181,15 @@ async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: byte
             raise
     outcome.ended_ns = time.time_ns()
     return resp, outcome
+
+
+async def _write_tracked(resp: web.StreamResponse, body: bytes, bounds: list[tuple[int, int]], times: list[int],
+                         t0: float, pace: float, outcome: Outcome) -> None:
+    """Write the chunks, paced when `pace`, noting each one's end and time in `outcome`."""
+    ends, offsets = outcome.chunk_ends, outcome.chunk_times_us
+    for i, (start, end) in enumerate(bounds):
+        if pace and i < len(times):
+            await _sleep_until(t0, times[i] / 1e6 * pace)
+        await resp.write(body[start:end])
+        ends.append(end)
+        offsets.append(int((time.monotonic() - t0) * 1e6))

@@ -342,3 +342,29 @@ def test_refusals_and_client_errors_are_json(store: Store, standin: Standin, rep
     assert api(f"{replayer.url}/nowhere")[0] == 404
     status, body = api(f"{replayer.url}/s/{ok['session_id']}/_tool", "POST", {"name": 1})
     assert status == 400
+
+
+def test_routes_answer_json_whatever_the_path_or_method(store: Store, standin: Standin, replayer: object) -> None:
+    """The proxy's own route (`/s/{sid}/{profile}[/{tail}]`, `POST /s/{sid}/_tool`) and what no route takes: every
+    answer is JSON, 404 for a path nothing serves, 405 for a method a path does not take."""
+    with recording(store, "run-r"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    sid = open_session(replayer, "run-r")["session_id"]
+    base = replayer.url
+    for method, path, status, error in [
+        ("PUT", "/v1/replay/health", 405, "method_not_allowed"),
+        ("DELETE", "/v1/replay/sessions", 405, "method_not_allowed"),
+        ("GET", "/nowhere/at/all", 404, "not_found"),
+        ("POST", f"/s/{sid}", 404, "not_found"),
+        ("POST", f"/s/{sid}/", 404, "not_found"),
+        ("GET", f"/s/{sid}/_tool", 404, "unknown_profile"),  # not the tools endpoint: a profile named _tool
+        ("POST", f"/s/{sid}/_tool/", 404, "unknown_profile"),
+        ("POST", f"/s/{sid}/open%7Bai/chat/completions", 404, "not_found"),  # aiohttp's {name}: no braces
+        ("POST", "/s/no-such-session/openai/chat/completions", 404, "session_not_found"),
+    ]:
+        got, body = api(base + path, method, {})
+        assert (got, body.get("error")) == (status, error), (method, path, got, body)
+    got, body = api(f"{base}/s/{sid}/_tool", "POST", {"name": "t", "envelope_hash": "0" * 64})
+    assert got == 409 and body["error"] == "replay_miss"  # the tools endpoint
+    got, _ = api(f"{base}/s/{sid}/openai/chat/completions", "POST", raw=chat_request("nothing recorded"))
+    assert got == 409
