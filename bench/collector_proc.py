@@ -1,5 +1,5 @@
 """A real collector process (`python -m tracetape.cli collector --config FILE --json`) on 127.0.0.1, with its
-ingest worker processes (the default for this machine's core count) counted in its memory and CPU."""
+ingest worker processes (when configured) counted in its memory and CPU."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from bench.common import ROOT, process_tree, tree_cpu_seconds, tree_status_kib
 
 
 class CollectorProcess:
-    def __init__(self, workdir: Path, *, max_pending: str = "256MiB") -> None:
+    def __init__(self, workdir: Path, *, max_pending: str = "256MiB", ingest_processes: int | None = None) -> None:
+        """`ingest_processes` None: the collector's default (see collector/config.py)."""
         self.workdir = workdir
         self.data = workdir / "data"
         self.config = workdir / "collector.yaml"
@@ -24,7 +25,8 @@ class CollectorProcess:
                 "grpc": {"endpoint": "127.0.0.1:0"},
                 "http": {"endpoint": "127.0.0.1:0", "max_request_body_size": 64 * 1024 * 1024},
             }}},
-            "exporters": {"tracetape": {"path": str(self.data), "map_size": "8GiB", "max_pending_bytes": max_pending}},
+            "exporters": {"tracetape": {"path": str(self.data), "map_size": "8GiB", "max_pending_bytes": max_pending,
+                                        **({} if ingest_processes is None else {"ingest_processes": ingest_processes})}},
             "service": {"pipelines": {"traces": {"receivers": ["otlp"], "exporters": ["tracetape"]}}},
         }
         workdir.mkdir(parents=True, exist_ok=True)

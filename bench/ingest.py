@@ -25,6 +25,8 @@ from bench.spans import make_batches
 
 NAME = "ingest"
 SENDERS = 4
+WORKERS = 2
+"""The collector is also measured with this many ingest worker processes (its default is threads)."""
 TARGET = 0.5
 
 
@@ -100,6 +102,23 @@ async def send_all(url: str, bodies: list[bytes], senders: int) -> tuple[float, 
         return time.perf_counter() - t, statuses
 
 
+def _collector_rate(
+    ctx: Ctx, label: str, bodies: list[bytes], warm: list[bytes], spans: int, ingest_processes: int | None
+) -> tuple[float, float, int | None, int | None, int, list[int]]:
+    """One collector process fed `bodies` by `SENDERS` senders: (spans/s, CPU s per span of the collector and
+    its workers, peak RSS KiB, idle RSS KiB, store bytes on disk, non-200 statuses)."""
+    work = ctx.workdir / label
+    with CollectorProcess(work, ingest_processes=ingest_processes) as col:
+        asyncio.run(send_all(col.url, warm, 1))
+        cpu0 = col.cpu_seconds()
+        t_coll, statuses = asyncio.run(send_all(col.url, bodies, SENDERS))
+        cpu_per_span = (col.cpu_seconds() - cpu0) / spans
+        peak, idle = col.peak_kib(), col.rss_idle_kib
+    du = sum(p.stat().st_size for p in (work / "data").glob("*.mdb"))
+    shutil.rmtree(work, ignore_errors=True)
+    return spans / t_coll, cpu_per_span, peak, idle, du, [s for s in statuses if s != 200]
+
+
 def run(ctx: Ctx) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for ci, (name, payload, per_batch, n, unique) in enumerate(cases(ctx.quick)):
@@ -110,20 +129,14 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
         mb = sum(len(b) for b in bodies) / 1e6
         t_decode = decode_rate(bodies)
         t_lmdb = lmdb_rate(bodies, ctx.workdir)
-        work = ctx.workdir / f"collector-{ci}"
-        with CollectorProcess(work) as col:
-            asyncio.run(send_all(col.url, warm, 1))
-            cpu0 = col.cpu_seconds()
-            t_coll, statuses = asyncio.run(send_all(col.url, bodies, SENDERS))
-            cpu_per_span = (col.cpu_seconds() - cpu0) / spans
-            peak = col.peak_kib()
-            idle = col.rss_idle_kib
-        du = sum(p.stat().st_size for p in (work / "data").glob("*.mdb"))
-        shutil.rmtree(work, ignore_errors=True)
-        bad = [s for s in statuses if s != 200]
-        if bad:
-            ctx.note(f"ingest {name}: {len(bad)} non-200 answers {sorted(set(bad))}")
-        rate_c, rate_l, rate_d = spans / t_coll, spans / t_lmdb, spans / t_decode
+        rate_c, cpu_per_span, peak, idle, du, bad = _collector_rate(ctx, f"collector-{ci}", bodies, warm, spans, None)
+        rate_w, cpu_per_span_w, peak_w, _, _, bad_w = _collector_rate(
+            ctx, f"workers-{ci}", bodies, warm, spans, WORKERS)
+        for label, statuses in (("", bad), (f" ({WORKERS} ingest processes)", bad_w)):
+            if statuses:
+                ctx.note(f"ingest {name}{label}: {len(statuses)} non-200 answers {sorted(set(statuses))}")
+        rate_l, rate_d = spans / t_lmdb, spans / t_decode
+        t_coll = spans / rate_c
         ratio = rate_c / rate_l
         rows += [
             row(NAME, name, "collector spans/s", rate_c, "spans/s", ratio=ratio, ratio_of="raw LMDB puts",
@@ -131,6 +144,8 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
             row(NAME, name, "collector MB/s", mb / t_coll, "MB/s", ratio=rate_c / rate_d, ratio_of="protobuf decode"),
             row(NAME, name, "collector CPU per span", cpu_per_span * 1e6, "us",
                 ratio=cpu_per_span * rate_l, ratio_of="raw LMDB time per span"),
+            row(NAME, name, f"collector, ingest_processes {WORKERS}", rate_w, "spans/s", ratio=rate_w / rate_l,
+                ratio_of="raw LMDB puts", cpu_us_per_span=cpu_per_span_w * 1e6, peak_rss_mib=(peak_w or 0) / 1024),
             row(NAME, name, "raw LMDB puts", rate_l, "spans/s", mb_s=mb / t_lmdb),
             row(NAME, name, "raw LMDB MB/s", mb / t_lmdb, "MB/s"),
             row(NAME, name, "protobuf decode", rate_d, "spans/s", mb_s=mb / t_decode),
@@ -139,6 +154,8 @@ def run(ctx: Ctx) -> list[dict[str, Any]]:
                 ratio=(peak or 0) / (idle or 1), ratio_of="idle RSS", idle_mib=(idle or 0) / 1024),
             row(NAME, name, "store files after", du / 1e6, "MB", ratio=du / 1e6 / mb, ratio_of="request MB"),
         ]
+        print(f"  collector with ingest_processes {WORKERS}: {rate_w:,.0f} spans/s, {cpu_per_span_w * 1e6:.0f} us CPU "
+              f"per span, peak RSS {(peak_w or 0) / 1024:.0f} MiB", flush=True)
         print(f"  collector {rate_c:,.0f} spans/s ({mb / t_coll:.1f} MB/s, {cpu_per_span * 1e6:.0f} us CPU per span "
               f"in the collector and its workers); raw LMDB {rate_l:,.0f}; decode "
               f"{rate_d:,.0f}; ratio {ratio:.2f}; peak RSS {(peak or 0) / 1024:.0f} MiB", flush=True)

@@ -17,7 +17,7 @@ Shape (every section optional; `default_config()` is what an absent file means):
       tracetape_slim: {max_attribute_bytes: 16384}    # preview cap per attribute in forwarded copies
     exporters:
       tracetape: {path: .tracetape/data, map_size: 8GiB, max_pending_bytes: 256MiB,   # the LMDB store
-                  ingest_processes: 2}   # worker processes preparing spans (default: cores, at most 4; 0 = threads)
+                  ingest_processes: 0}   # > 0: worker processes prepare spans (default 0: threads)
       otlphttp/jaeger: {endpoint: "http://127.0.0.1:14318", timeout: 10s, headers: {}, compression: gzip}
       otlp/jaeger: {endpoint: "127.0.0.1:14317", tls: {insecure: true}}               # gRPC
     extensions:                          # optional: API keys (see collector/auth.py); off unless listed below
@@ -72,15 +72,9 @@ DEFAULT_MAX_ATTRIBUTE_BYTES = 16 * 1024
 DEFAULT_STORE_PATH = ".tracetape/data"
 DEFAULT_MAP_SIZE = 8 * 1024**3
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024**2
-MAX_DEFAULT_INGEST_PROCESSES = 4
-
-
-def default_ingest_processes() -> int:
-    """One ingest worker per core, at most 4; none (threads in the collector process) on a single core."""
-    cores = os.cpu_count() or 1
-    return min(cores, MAX_DEFAULT_INGEST_PROCESSES) if cores > 1 else 0
-
-
+DEFAULT_INGEST_PROCESSES = 0
+"""Threads by default: on the 2-core machine measured (docs/benchmarks.md) worker processes were faster
+only for repeated payloads, and they cost ~60 MiB of memory each."""
 DEFAULT_EXPORT_TIMEOUT = 10.0
 DEFAULT_BATCH_SPANS = 512
 DEFAULT_BATCH_BYTES = 3 * 1024 * 1024  # under the 4 MiB gRPC message cap most backends keep
@@ -168,15 +162,15 @@ class StoreExporter:
     `map_size` is the most the store may grow to (the map starts smaller and doubles up to it; past it
     writes fail with 503 + Retry-After and the store stays intact). `max_pending_bytes` bounds what has
     been received but not yet committed; over it, receivers answer 503 / RESOURCE_EXHAUSTED.
-    `ingest_processes` worker processes prepare received spans for the writer (0: threads of the collector
-    process, which share one core's worth of Python).
+    `ingest_processes` > 0: that many worker processes prepare received spans for the writer (0, the default:
+    threads of the collector process, which share one core's worth of Python).
     """
 
     id: str = STORE_TYPE
     path: str = DEFAULT_STORE_PATH
     map_size: int = DEFAULT_MAP_SIZE
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
-    ingest_processes: int = field(default_factory=default_ingest_processes)
+    ingest_processes: int = DEFAULT_INGEST_PROCESSES
 
 
 @dataclass(frozen=True)
@@ -521,7 +515,7 @@ def _parse_exporter(cid: str, body: Any) -> StoreExporter | OtlpExporter:
             os.path.expanduser(store_path),
             _size(body.get("map_size", DEFAULT_MAP_SIZE), f"{path}.map_size", 1024 * 1024),
             _size(body.get("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES), f"{path}.max_pending_bytes", 1024),
-            _int(body.get("ingest_processes", default_ingest_processes()), f"{path}.ingest_processes"),
+            _int(body.get("ingest_processes", DEFAULT_INGEST_PROCESSES), f"{path}.ingest_processes"),
         )
     keys = ("endpoint", "timeout", "headers", "compression", "tls", "retry_on_failure", "sending_queue")
     if ctype in OTLP_HTTP_EXPORTER_TYPES:
