@@ -203,7 +203,8 @@ def canonical_query(query: str | bytes) -> list[list[str]]:
 def canonical_headers(headers: Iterable[tuple[str, str]]) -> list[list[str]]:
     """The semantic request headers as sorted `[name, value]` pairs, names lower-case; a value that is not
     valid UTF-8 (a server decodes it with surrogate escapes) has the invalid bytes replaced."""
-    return sorted([n.lower(), _valid_text(v)] for n, v in headers if n.lower() in SEMANTIC_HEADERS)
+    semantic = SEMANTIC_HEADERS
+    return sorted([name, _valid_text(v)] for n, v in headers if (name := n.lower()) in semantic)
 
 
 def _valid_text(value: str) -> str:
@@ -292,14 +293,20 @@ def decode_headers(value: str | bytes) -> list[tuple[str, str]]:
 def detect_provider(host: str, headers: Iterable[tuple[str, str]]) -> str | None:
     """`openai`, `anthropic`, or None for other HTTP, from the request's host and headers."""
     host = host.lower()
-    names: dict[str, str] = {}
+    anthropic_version = openai_beta = False
+    ua = ""
     for n, v in headers:
-        names[n.lower()] = v
-    if "anthropic-version" in names or host.endswith("anthropic.com"):
+        name = n.lower()
+        if name == "user-agent":
+            ua = v  # the last one, as a dict of the headers would keep
+        elif name == "anthropic-version":
+            anthropic_version = True
+        elif name == "openai-beta":
+            openai_beta = True
+    if anthropic_version or host.endswith("anthropic.com"):
         return "anthropic"
-    ua = names.get("user-agent", "")
     # the SDK's user agent is its client class: OpenAI/…, AsyncOpenAI/…, AzureOpenAI/…
-    if host.endswith("openai.com") or "OpenAI/" in ua or "openai-beta" in names:
+    if host.endswith("openai.com") or "OpenAI/" in ua or openai_beta:
         return "openai"
     return None
 

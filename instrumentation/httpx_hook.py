@@ -65,6 +65,18 @@ def _should_record(request: Any, http_hosts: frozenset[str]) -> bool:
     return False
 
 
+def header_pairs(headers: Any) -> list[tuple[str, str]]:
+    """`headers.multi_items()` as far as the recorder can tell (the same pairs, names in their sent case rather
+    than lower-cased: the recorder lower-cases them itself), decoded in one pass: ASCII, as HTTP mandates, and
+    else with the `Headers.encoding` httpx would use."""
+    raw = headers.raw
+    try:
+        return [(name.decode("ascii"), value.decode("ascii")) for name, value in raw]
+    except UnicodeDecodeError:
+        encoding = headers.encoding
+        return [(name.decode(encoding), value.decode(encoding)) for name, value in raw]
+
+
 def _start(request: Any) -> HttpAttempt | None:
     try:
         body, body_error = request.content, None
@@ -74,7 +86,7 @@ def _start(request: Any) -> HttpAttempt | None:
         attempt = start_http_attempt(
             method=request.method,
             url=str(request.url),
-            headers=request.headers.multi_items(),
+            headers=header_pairs(request.headers),
             body=body,
         )
     except Exception:
@@ -88,7 +100,7 @@ def _wrap_response(attempt: HttpAttempt, response: Any, module: ModuleType) -> N
     try:
         headers = response.headers
         attempt.response_started(
-            response.status_code, headers.multi_items(), headers.get("content-encoding", "")
+            response.status_code, header_pairs(headers), headers.get("content-encoding", "")
         )
         response.stream = tee_stream(
             response.stream, attempt, sync_base=module.SyncByteStream, async_base=module.AsyncByteStream

@@ -3,7 +3,7 @@
 `build_recorder` makes a `TracerProvider` (resource `service.name` = the given name, `OTEL_SERVICE_NAME`
 winning; always-on sampling; no attribute length limit) whose spans go through a `BatchSpanProcessor`
 (queue 8192, schedule delay 500 ms) to the size-splitting OTLP/HTTP exporter, and whose first processor
-stamps `RUN_ID`, `TENANT` and `SCOPE` on every span it starts.
+stamps `RUN_ID`, `TENANT` and `SCOPE` on every span it starts (tracetape's own tracer starts its spans with them).
 
 `register` decides where the application's own spans (the anthropic SDK's call spans, other
 instrumentations) go:
@@ -53,12 +53,18 @@ FLUSH_TIMEOUT_MS = 10_000
 
 
 class RunAttributesProcessor(SpanProcessor):
-    """Stamps fixed attributes (the run's id, tenant and scope) on every span when it starts."""
+    """Stamps fixed attributes (the run's id, tenant and scope) on every span when it starts.
+
+    Spans of `stamped_scope` (tracetape's own `RunTracer`, which starts its spans with these attributes
+    already in place) are left as they are: setting them again would change nothing."""
 
     def __init__(self, attributes: Mapping[str, str]) -> None:
         self._attributes = dict(attributes)
+        self.stamped_scope: object | None = None
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if self.stamped_scope is not None and span.instrumentation_scope is self.stamped_scope:
+            return
         span.set_attributes(self._attributes)
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -72,10 +78,13 @@ class RunAttributesProcessor(SpanProcessor):
 
 
 class RunTracer(trace.Tracer):
-    """A tracer whose spans, when nothing is current, are parented under the run's default parent."""
+    """A tracer whose spans, when nothing is current, are parented under the run's default parent, and which
+    starts every span with `run_attributes` (over the same keys in `attributes`, as a stamping processor would
+    set them)."""
 
-    def __init__(self, inner: trace.Tracer) -> None:
+    def __init__(self, inner: trace.Tracer, run_attributes: Mapping[str, str] | None = None) -> None:
         self._inner = inner
+        self._run_attributes = dict(run_attributes or {})
         self.default_parent: Context | None = None
 
     def _context(self, context: Context | None) -> Context | None:
@@ -95,6 +104,8 @@ class RunTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
+        if self._run_attributes:
+            attributes = {**attributes, **self._run_attributes} if attributes else self._run_attributes
         return self._inner.start_span(
             name,
             self._context(context),
@@ -201,13 +212,17 @@ def build_recorder(
         shutdown_on_exit=False,
         span_limits=SpanLimits(max_attribute_length=SpanLimits.UNSET, max_span_attribute_length=SpanLimits.UNSET),
     )
-    provider.add_span_processor(RunAttributesProcessor(run_attributes(config)))
+    stamping = RunAttributesProcessor(run_attributes(config))
+    provider.add_span_processor(stamping)
     exporter = exporter or SizeSplittingExporter.otlp_http(
         config.endpoint, max_bytes=config.max_export_bytes, warned=config.collector_warned,
         api_key=config.api_key or None,
     )
     provider.add_span_processor(_batch_processor(exporter))
-    tracer = RunTracer(provider.get_tracer(TRACER_NAME, _version()))
+    inner = provider.get_tracer(TRACER_NAME, _version())
+    # The SDK tracer's scope (a private attribute; without it every span is stamped again, which is only slower).
+    stamping.stamped_scope = getattr(inner, "_instrumentation_scope", None)
+    tracer = RunTracer(inner, run_attributes(config))
     return Recorder(provider=provider, exporter=exporter, tracer=tracer)
 
 

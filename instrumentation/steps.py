@@ -20,14 +20,20 @@ Contract of this module:
   are ended with `span.end()` only; no OTel context is attached or detached here.
 - The per-chunk path is two list appends and one `time.monotonic_ns()`; bodies are joined, redacted and
   turned into attributes once, in `finish`.
+- A request body of `HASH_ELSEWHERE_FROM` bytes or more (first attempts only) has its envelope hashed on
+  tracetape's hashing thread while the request goes out, instead of before it: its span gets `ENVELOPE_HASH`
+  when that is done and always before it ends (`finish` waits for it), so the exported span carries exactly
+  what it would otherwise. A retry waits for every pending hash before it looks for its step.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,7 +80,75 @@ _recent = _RecentSteps()
 
 def reset_retry_groups() -> None:
     """Forget every step that a later retry could join (a new run, or tests)."""
+    _hasher.wait()
     _recent.clear()
+
+
+HASH_ELSEWHERE_FROM = 128 << 10
+"""Request bodies at least this large are hashed on the hashing thread (see the module doc): ~1.2 ms per MB
+that the caller no longer waits for. Smaller ones cost less than handing them over."""
+
+
+_HASHER_THREAD = "tracetape-hash"
+
+
+class _Hasher:
+    """One background thread hashing envelopes in submission order (a step's `_recent` entry is put there, in
+    the order the steps started); started on first use, forgotten in a forked child."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: set[Future[str]] = set()
+
+    def submit(self, envelope: dict[str, Any], group: tuple[str, int, int]) -> Future[str] | None:
+        """The future hash of `envelope`, remembered for retries under `group`; None when the thread cannot
+        take it (the interpreter is exiting): then the caller hashes it itself."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=_HASHER_THREAD)
+            try:
+                future = self._pool.submit(_hash_and_remember, envelope, group)
+            except RuntimeError:
+                return None
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future[str]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def wait(self) -> None:
+        """Return once every hash submitted so far is done (and in `_recent`)."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - reported on the attempt's own span
+                pass
+
+    @staticmethod
+    def on_own_thread() -> bool:
+        """Whether this is the hashing thread (a garbage-collected attempt may end there: it must not wait)."""
+        return threading.current_thread().name.startswith(_HASHER_THREAD)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's thread does not exist here."""
+        self._lock = threading.Lock()
+        self._pool = None
+        self._pending = set()
+
+
+def _hash_and_remember(envelope: dict[str, Any], group: tuple[str, int, int]) -> str:
+    env_hash = contract.envelope_hash(envelope)
+    _recent.put(env_hash, group)
+    return env_hash
+
+
+_hasher = _Hasher()
+os.register_at_fork(after_in_child=_hasher.forget)
 
 
 def error_type(exc: BaseException) -> str:
@@ -136,7 +210,7 @@ class HttpAttempt:
         "step_id",
         "attempt",
         "step_kind",
-        "envelope_hash",
+        "_envelope_hash",
         "provider",
         "model",
         "_t0",
@@ -158,7 +232,7 @@ class HttpAttempt:
         step_id: str,
         attempt: int,
         step_kind: str,
-        envelope_hash: str,
+        envelope_hash: str | Future[str],
         provider: str | None,
         model: str | None,
         t0: int,
@@ -167,7 +241,7 @@ class HttpAttempt:
         self.step_id = step_id
         self.attempt = attempt
         self.step_kind = step_kind
-        self.envelope_hash = envelope_hash
+        self._envelope_hash = envelope_hash
         self.provider = provider
         self.model = model
         self._t0 = t0
@@ -179,6 +253,25 @@ class HttpAttempt:
         self._streamed = False
         self._once = threading.Lock()
         self._recording_error: str | None = None
+
+    @property
+    def envelope_hash(self) -> str:
+        """The request's envelope hash (waits for the hashing thread when it is computed there)."""
+        value = self._envelope_hash
+        if isinstance(value, str):
+            return value
+        if not value.done() and _hasher.on_own_thread():
+            raise RuntimeError("the envelope hash is not computed yet")  # waiting here would never end
+        return value.result()
+
+    def _hash_attribute(self, attrs: dict[str, Any]) -> None:
+        """`ENVELOPE_HASH` into `attrs` when it was computed on the hashing thread (waiting for it)."""
+        if isinstance(self._envelope_hash, str):
+            return
+        try:
+            attrs[contract.ENVELOPE_HASH] = self._envelope_hash = self.envelope_hash
+        except Exception as exc:  # noqa: BLE001 - the span still ends, saying why it has no hash
+            self.recording_error(exc)
 
     # --- driven by the hooks ----------------------------------------------------------------------------
 
@@ -251,6 +344,7 @@ class HttpAttempt:
         span = self.span
         try:
             attrs = self._response_attrs
+            self._hash_attribute(attrs)
             chunks, times = self._chunks, self._times
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if not self._encoding:
@@ -330,7 +424,6 @@ def _start(
     redacted = redaction.redact_body(bytes(body))
     parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name
     envelope = contract.http_envelope(method, path, parts.query, kept, redacted, parsed_body=parsed)
-    env_hash = contract.envelope_hash(envelope)
 
     provider = contract.detect_provider(parts.hostname or "", kept)
     kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
@@ -340,12 +433,7 @@ def _start(
 
     started_ns = time.time_ns()
     retry = _retry_count(kept)
-    group = _recent.get(env_hash) if retry > 0 else None
-    if group is not None:
-        step_id, step_started_ns, step_index = group
-    else:
-        step_id, step_started_ns, step_index = runtime.new_step_id(), started_ns, runtime.next_step_index()
-        _recent.put(env_hash, (step_id, step_started_ns, step_index))
+    (step_id, step_started_ns, step_index), env_hash = _step_of(envelope, retry, len(redacted), started_ns)
 
     attrs: dict[str, Any] = {
         contract.RUN_ID: ctx.run_id,
@@ -357,13 +445,14 @@ def _start(
         contract.STEP_INDEX: step_index,
         contract.STEP_KIND: kind,
         contract.STEP_ATTEMPT: retry,
-        contract.ENVELOPE_HASH: env_hash,
         contract.ENVELOPE_PROFILE: contract.CANON_PROFILE,
         contract.REQUEST_METHOD: method,
         contract.REQUEST_URL: redaction.redact_text(url),
         contract.REQUEST_HEADERS: contract.encode_headers(kept),
         contract.REQUEST_BODY: redacted,
     }
+    if isinstance(env_hash, str):
+        attrs[contract.ENVELOPE_HASH] = env_hash  # else set in `finish`, from the hashing thread
     attrs.update(contract.genai_request_attributes(kind, provider, model))
 
     if kind == contract.STEP_KIND_MODEL and not _inside_anthropic_call_span():
@@ -381,6 +470,30 @@ def _start(
         model=model,
         t0=t0,
     )
+
+
+def _step_of(
+    envelope: dict[str, Any], retry: int, body_size: int, started_ns: int
+) -> tuple[tuple[str, int, int], str | Future[str]]:
+    """The step an attempt belongs to, `(step id, started ns, index)`, and its envelope hash (or the future hash,
+    for a large body hashed on the hashing thread). A retry joins the latest step with the same envelope; any
+    other attempt starts a new step, remembered for its retries."""
+    env_hash: str | None = None
+    if retry > 0:
+        _hasher.wait()  # the attempt it retries may still be hashing
+        env_hash = contract.envelope_hash(envelope)
+        group = _recent.get(env_hash)
+        if group is not None:
+            return group, env_hash
+    group = (runtime.new_step_id(), started_ns, runtime.next_step_index())
+    if env_hash is None and body_size >= HASH_ELSEWHERE_FROM:
+        future = _hasher.submit(envelope, group)  # puts the step in `_recent` once hashed
+        if future is not None:
+            return group, future
+    if env_hash is None:
+        env_hash = contract.envelope_hash(envelope)
+    _recent.put(env_hash, group)
+    return group, env_hash
 
 
 def _start_broken(ctx: runtime.RunContext, method: str, exc: Exception, t0: int) -> HttpAttempt | None:

@@ -46,11 +46,7 @@ _SEMANTIC = tuple(sorted(contract.SEMANTIC_HEADERS))
 
 def redaction_is_default() -> bool:
     """Whether this process redacts with exactly the default rules (no extra patterns, no own key)."""
-    rules: Any = getattr(redaction, "_RULES", None)
-    try:
-        return tuple(rule.text_re.pattern for rule in rules) == tuple(redaction.DEFAULT_BODY_PATTERNS)
-    except (AttributeError, TypeError):  # redaction's internals changed: trust nothing, verify every entry
-        return False
+    return tuple(r.pattern for r in redaction.current_rules()) == redaction.DEFAULT_BODY_PATTERNS
 
 
 def semantic_headers(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

@@ -43,7 +43,7 @@ HEAVY_BYTES = 1 << 20
 DEFAULT_BUDGET = 256 << 20
 RETRY_AFTER_S = 1
 
-Rules = tuple[tuple[str, tuple[str, ...]], ...] | None
+Rules = tuple[redaction.Rule, ...]
 
 
 def default_workers() -> int:
@@ -52,21 +52,17 @@ def default_workers() -> int:
 
 
 def current_rules() -> Rules:
-    """This process's redaction rules as (pattern, needles) pairs, or None when they cannot be read."""
-    rules: Any = getattr(redaction, "_RULES", None)
-    try:
-        return tuple((rule.text_re.pattern, tuple(rule.text_needles)) for rule in rules)
-    except (AttributeError, TypeError):
-        return None
+    """This process's redaction rules, hints included (`redaction.current_rules`)."""
+    return redaction.current_rules()
 
 
-_worker_rules: list[Rules] = [None]
+_worker_rules: list[Rules | None] = [None]
 
 
 def _use_rules(rules: Rules) -> None:
     """In a worker: redact with the parent's rules (kept until they change)."""
-    if rules is not None and rules != _worker_rules[0]:
-        redaction.configure(redaction.Rule(pattern, needles) for pattern, needles in rules)
+    if rules != _worker_rules[0]:
+        redaction.configure(rules)
         _worker_rules[0] = rules
 
 
