@@ -13,8 +13,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -34,6 +36,21 @@ from tracetape.replayer.service import ReplayerThread
 TENANT = "default"
 SCOPE = "default"
 API_KEY = "sk-test-abcdefghijklmnopqrstuvwxyz012345"
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[Standin]:
+    """A stand-in provider per test module (import this fixture into the module)."""
+    with Standin() as server:
+        yield server
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A fresh store in the test's temporary directory."""
+    s = Store(tmp_path / "db")
+    yield s
+    s.close()
 
 
 def write_spans(store: Store, spans: list[ReadableSpan]) -> None:

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import openai
-import pytest
 from multidict import CIMultiDict
 
 from tests.replay_support import API_KEY, open_session as open_http_session, recording, start_replayer
+from tests.replay_support import standin, store  # noqa: F401 - fixtures
 from tests.support.standin import Exchange, Standin
 from tracetape.collector.records import AttemptRecord, RunRecord, StepRecord
 from tracetape.collector.store import Store
@@ -27,19 +25,6 @@ from tracetape.replayer.matching import HIT, MISS
 from tracetape.replayer.session import SessionOptions, open_session
 
 SECRET = "sk-proj-" + "Q" * 40
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[Standin]:
-    with Standin() as server:
-        yield server
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "db")
-    yield s
-    s.close()
 
 
 def _agent(store: Store, standin: Standin, run_id: str, prompts: list[str]) -> list[Exchange]:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from tests.replay_support import open_session as open_http_session
 from tests.replay_support import start_replayer
+from tests.replay_support import standin, store  # noqa: F401 - fixtures
 from tests.support.spans import Agent, chat_request
 from tests.support.standin import Standin
 from tracetape.collector import ingest
@@ -26,19 +26,6 @@ from tracetape.replayer.envelopes import received_envelope
 from tracetape.replayer.errors import ApiError
 
 SECRET = "sk-" + "Z" * 30
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[Standin]:
-    with Standin() as server:
-        yield server
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "db")
-    yield s
-    s.close()
 
 
 def _fill(store: Store, bodies: list[bytes]) -> None:

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import anthropic
@@ -19,24 +18,12 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.replay_support import API_KEY, api, open_session, recording, start_replayer, write_spans
+from tests.replay_support import standin, store  # noqa: F401 - fixtures
 from tests.support.spans import Agent, chat_request
 from tests.support.standin import Standin
 from tracetape.collector import ingest
 from tracetape.collector.store import Store
 from tracetape.instrumentation import contract as c
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[Standin]:
-    with Standin() as server:
-        yield server
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "db")
-    yield s
-    s.close()
 
 
 @pytest.fixture()
