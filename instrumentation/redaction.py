@@ -220,41 +220,28 @@ def redact_body(body: bytes) -> bytes:
 
     The rules apply in order, each to the previous one's output, and a rule substitutes only where it matches:
     a body without secrets is scanned, never copied."""
-    if not body:
-        return body
-    out = body
-    anchored = len(body) >= _ANCHORED_FROM
-    for rule in _RULES:
-        if anchored and rule.bytes_scan.anchors:
-            if not _matches_anchored(rule.bytes_scan, out):
-                continue
-        else:
-            needles = rule.bytes_needles
-            if needles and not any(n in out for n in needles):
-                continue
-            if rule.bytes_re.search(out) is None:
-                continue
-        out = rule.bytes_re.sub(_mask_bytes, out)
-    return out
+    return _redact(body, [rule.bytes_scan for rule in _RULES], _mask_bytes) if body else body
 
 
 def redact_text(text: str) -> str:
     """`text` with every secret masked, same length; the same object when nothing matched (as `redact_body`)."""
-    if not text:
-        return text
-    out = text
-    anchored = len(text) >= _ANCHORED_FROM
-    for rule in _RULES:
-        if anchored and rule.text_scan.anchors:
-            if not _matches_anchored(rule.text_scan, out):
+    return _redact(text, [rule.text_scan for rule in _RULES], _mask_text) if text else text
+
+
+def _redact(value: Any, scans: list[_Scan], mask: Any) -> Any:
+    """`value` (bytes or str) with each scan's rule applied in order; the same object when nothing matched."""
+    out = value
+    anchored = len(value) >= _ANCHORED_FROM
+    for scan in scans:
+        if anchored and scan.anchors:
+            if not _matches_anchored(scan, out):
                 continue
         else:
-            needles = rule.text_needles
-            if needles and not any(n in out for n in needles):
+            if scan.needles and not any(n in out for n in scan.needles):
                 continue
-            if rule.text_re.search(out) is None:
+            if scan.regex.search(out) is None:
                 continue
-        out = rule.text_re.sub(_mask_text, out)
+        out = scan.regex.sub(mask, out)
     return out
 
 
