@@ -94,21 +94,9 @@ def vm_hwm_kib(pid: int) -> int | None:
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and its live descendants (e.g. a collector and its ingest workers)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += parents.get(p, [])
-    return out
+    from tests.support.reliability import descendants
+
+    return [pid, *descendants(pid)]
 
 
 def tree_status_kib(pid: int, field: str) -> int | None:

@@ -151,16 +151,18 @@ class CollectorProcess:
 
 
 def descendants(pid: int) -> list[int]:
-    """The live child processes of `pid`, and theirs."""
+    """The live child processes of `pid`, and theirs (children started by any of a process's threads)."""
     found: list[int] = []
     todo = [pid]
     while todo:
         parent = todo.pop()
+        kids: list[int] = []
         try:
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            kids = []
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        except OSError:  # gone meanwhile
+            pass
         found += kids
         todo += kids
     return found
