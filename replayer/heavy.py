@@ -11,13 +11,13 @@ Contract:
   redacted form made and its miss diagnostics compared in a worker process; a smaller one inline on the event
   loop (at most ≈10–27 ms of loop time, the price of one such request, against ≈1 ms of IPC latency and the
   pool's bound for anything bigger).
-- `HeavyPool(workers, budget_bytes)`: the pool is created on first use (the `spawn` start method: no fork of a
-  threaded process holding an LMDB environment) and `shutdown()` with the service. At most `workers` bodies
-  are processed at once (default 1 on a 2-core machine, so the event loop keeps a core); bodies waiting for a
-  worker and those being processed total at most `budget_bytes` (a single body is always admitted when none
-  is in flight); beyond that `run` raises a 503 `busy` with `Retry-After`, so memory stays bounded (each
-  worker also holds its body's parsed form, a few times the body). A worker that dies is replaced on the
-  next call; its request gets the same 503.
+- `HeavyPool(workers, budget_bytes)`: a `collector.worker_pool.WorkerPool`, started on first use (spawned: no
+  fork of a threaded process holding an LMDB environment; its workers exit if the replayer is killed) and
+  `shutdown()` with the service. At most `workers` bodies are processed at once (default 1 on a 2-core
+  machine, so the event loop keeps a core); bodies waiting for a worker and those being processed total at
+  most `budget_bytes` (a single body is always admitted when none is in flight); beyond that `run` raises a
+  503 `busy` with `Retry-After`, so memory stays bounded (each worker also holds its body's parsed form, a
+  few times the body). A worker that dies is replaced; its request gets the same 503.
 - The job functions are pure; they take the parent's redaction rules (`current_rules()`), so a worker redacts
   exactly as the replayer does, whatever configured it.
 """
@@ -25,13 +25,11 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from tracetape.collector.worker_pool import WorkerDied, WorkerPool
 from tracetape.instrumentation import contract, redaction
 from tracetape.replayer import miss
 from tracetape.replayer.envelopes import received_envelope
@@ -95,7 +93,7 @@ class HeavyPool:
     def __init__(self, workers: int | None = None, budget_bytes: int = DEFAULT_BUDGET) -> None:
         self.workers = workers or default_workers()
         self.budget_bytes = budget_bytes
-        self._executor: ProcessPoolExecutor | None = None
+        self._pool = WorkerPool(self.workers, name="heavy-body worker")
         self._slots: asyncio.Semaphore | None = None
         self._admitted = 0
         self._admitted_bytes = 0
@@ -104,11 +102,6 @@ class HeavyPool:
     def admitted(self) -> int:
         """Bodies waiting for a worker or being processed."""
         return self._admitted
-
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return self._executor
 
     def _busy(self, message: str) -> ApiError:
         return ApiError(503, "busy", message, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -123,20 +116,13 @@ class HeavyPool:
         self._admitted_bytes += size
         try:
             async with self._slots:
-                executor = self._pool()
-                try:
-                    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-                except BrokenProcessPool:
-                    if self._executor is executor:
-                        self._executor = None
-                        executor.shutdown(wait=False, cancel_futures=True)
-                    raise self._busy("the worker processing a large request body failed: retry shortly") from None
+                return await self._pool.run(fn, *args)
+        except WorkerDied:
+            raise self._busy("the worker processing a large request body failed: retry shortly") from None
         finally:
             self._admitted -= 1
             self._admitted_bytes -= size
 
     def shutdown(self) -> None:
         """Stop the workers (a job in progress is finished first); the next `run` starts a new pool."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(cancel_pending=True)

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.reliability import descendants
+from tests.support.reliability import descendants, survivors
 from tests.support.spans import Agent, chat_request
 from tracetape.collector import ingest, otlp_decode
 from tracetape.collector.ingest_workers import IngestWorkers
@@ -28,23 +27,6 @@ def _request_bytes(run_id: str, steps: int = 5) -> bytes:
         agent.model_step(i, chat_request(f"question {i} of {run_id}"))
     agent.run_span()
     return agent.request().SerializeToString()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
-    except OSError:
-        return "(gone)"
 
 
 def test_a_worker_prepares_the_same_batch_as_the_collector_process(tmp_path: Path) -> None:
@@ -92,9 +74,9 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None
             await writer.submit(_request_bytes("run-0"))
             workers = writer._workers
             assert workers is not None
-            pids = [p for p in descendants(os.getpid()) if p in {pr.pid for pr in workers._pool._processes.values()}]
-            assert pids, "no worker processes found"
-            os.kill(pids[0], signal.SIGKILL)
+            worker = await workers.pool.run(os.getpid)
+            assert worker in descendants(os.getpid())
+            os.kill(worker, signal.SIGKILL)
             results = await asyncio.gather(*(writer.submit(_request_bytes(f"run-{i}")) for i in range(1, 9)))
             assert [r.accepted for r in results] == [6] * 8
             assert workers.restarts == 1
@@ -123,8 +105,4 @@ def test_killing_the_collector_leaves_no_worker_behind(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 20
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = {p: _cmdline(p) for p in workers if _alive(p)}
-    assert left == {}
+    assert survivors(workers) == {}

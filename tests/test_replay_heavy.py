@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,9 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.replay_support import api
 from tests.replay_support import open_session as open_http_session
 from tests.replay_support import start_replayer
 from tests.replay_support import standin, store  # noqa: F401 - fixtures
+from tests.support.reliability import descendants, survivors
 from tests.support.spans import Agent, chat_request
 from tests.support.standin import Standin
 from tracetape.collector import ingest
@@ -126,3 +131,29 @@ def test_a_heavy_body_gets_the_answers_a_light_one_gets(store: Store, standin: S
         assert answers["worker"][3][1]["error"] == "replay_exhausted"
     finally:
         replayer.stop()
+
+
+def test_killing_the_replayer_leaves_no_worker_behind(store: Store, tmp_path: Path) -> None:
+    """A heavy miss starts the worker pool in a real `tracetape replayer`; SIGKILL the replayer, and its
+    workers exit too."""
+    _fill(store, [chat_request("question 0")])
+    huge = chat_request("y" * (heavy.HEAVY_BYTES + 1))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracetape.cli", "replayer", "--data", str(store.path), "--port", "0", "--no-record",
+         "--upstream", "openai=http://127.0.0.1:9/v1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        listening = re.search(r"listening on (http://127\.0\.0\.1:\d+)", proc.stdout.readline())
+        assert listening, "the replayer did not start"
+        url = listening.group(1)
+        status, session = api(f"{url}/v1/replay/sessions", "POST", {"run_id": "run-h", "record": False})
+        assert status == 201, session
+        status, answer = _post(f"{url}/s/{session['session_id']}/openai/chat/completions", huge)
+        assert (status, answer["error"]) == (409, "replay_miss")  # diagnosed in a worker process
+        workers = descendants(proc.pid)
+        assert workers, "no worker process was started"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert survivors(workers) == {}

@@ -168,6 +168,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def survivors(pids: list[int], within_s: float = 20.0) -> dict[int, str]:
+    """Those of `pids` still running (not zombies) after up to `within_s`, with their command lines."""
+    deadline = time.monotonic() + within_s
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {p: _cmdline(p) for p in pids if _running(p)}
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def rss_kb(pid: int) -> int:
     """VmRSS of a process, in KiB (0 when it is gone)."""
     try:
