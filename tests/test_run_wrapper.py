@@ -339,6 +339,13 @@ def test_in_process_run_outcome(
     assert (run.get(contract.RUN_OUTCOME), run.get(contract.RUN_EXIT_CODE)) == (outcome, exit_code)
 
 
+def _interruptible() -> None:
+    """In the agent's process before exec: SIGINT at its default, so that Python raises KeyboardInterrupt.
+    A test run started in the background by a shell without job control has SIGINT ignored, and an ignored
+    signal stays ignored across exec (the agent would sleep through it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_in_process_signal_flushes_and_dies_by_the_signal(sink: OtlpSink, agent: Path, signum: int) -> None:
     run_id = f"run-inproc-sig{int(signum)}"
@@ -349,6 +356,7 @@ def test_in_process_signal_flushes_and_dies_by_the_signal(sink: OtlpSink, agent:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
     )
     assert proc.stdout is not None
     while not proc.stdout.readline().startswith("ready"):
