@@ -226,10 +226,10 @@ s = oa.chat.completions.create(model="gpt-4o-mini", stream=True, stream_options=
                                messages=[{"role": "user", "content": f"({V}) stream about {K['prompt']}"}])
 out["openai_stream"] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
 an = anthropic.Anthropic(max_retries=0)
-m = an.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=[
+m = an.messages.create(model="claude-sonnet-5", max_tokens=50, messages=[
     {"role": "user", "content": f"({V}) anthropic, key {K['prompt']}"}])
 out["anthropic"] = m.content[0].text
-with an.messages.stream(model="claude-sonnet-4-5", max_tokens=50, messages=[
+with an.messages.stream(model="claude-sonnet-5", max_tokens=50, messages=[
         {"role": "user", "content": f"({V}) stream, key {K['prompt']}"}]) as st:
     out["anthropic_stream"] = st.get_final_text()
 out["lookup"] = lookup_account(K["tool_arg"], "alice")["user"]
@@ -342,7 +342,7 @@ def _replayer_traffic(world: World) -> None:
         ("miss-not-json", "POST", f"{base}/chat/completions",
          b"not json " + KEYS["proxy_body"].encode() + b" " + KEYS["prompt"].encode(), creds),
         ("miss-anthropic", "POST", f"/s/{sid}/anthropic/v1/messages",
-         json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [
+         json.dumps({"model": "claude-sonnet-5", "max_tokens": 5, "messages": [
              {"role": "user", "content": f"key {KEYS['proxy_body']}"}]}).encode(),
          {"content-type": "application/json", "anthropic-version": "2023-06-01", **creds}),
         ("tool-miss", "POST", f"/s/{sid}/_tool",

@@ -169,8 +169,8 @@ def replayer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replayer]:
             "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
             an = anthropic.Anthropic(base_url=standin.anthropic_base_url, api_key="sk-ant-test-fuzzKEY0123456789",
                                      max_retries=0)
-            an.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
-            with an.messages.stream(model="claude-sonnet-4-5", max_tokens=20,
+            an.messages.create(model="claude-sonnet-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+            with an.messages.stream(model="claude-sonnet-5", max_tokens=20,
                                     messages=[{"role": "user", "content": "stream"}]) as stream:
                 stream.get_final_text()
         exchanges = list(standin.exchanges)

@@ -197,14 +197,14 @@ def agent_source(program: list[tuple[Any, ...]]) -> str:
             _, how, prompt = op
             msgs = f"[{{'role': 'user', 'content': {prompt!r}}}]"
             if how == "create":
-                lines.append(f"m = an.messages.create(model='claude-sonnet-4-5', max_tokens=64, messages={msgs})")
+                lines.append(f"m = an.messages.create(model='claude-sonnet-5', max_tokens=64, messages={msgs})")
                 lines.append("out.append(m.content[0].text)")
             elif how == "stream_true":
-                lines.append(f"ev = an.messages.create(model='claude-sonnet-4-5', max_tokens=64, stream=True, "
+                lines.append(f"ev = an.messages.create(model='claude-sonnet-5', max_tokens=64, stream=True, "
                              f"messages={msgs})")
                 lines.append("out.append(''.join(e.delta.text for e in ev if e.type == 'content_block_delta'))")
             else:
-                lines.append(f"with an.messages.stream(model='claude-sonnet-4-5', max_tokens=64, messages={msgs}) as st:")
+                lines.append(f"with an.messages.stream(model='claude-sonnet-5', max_tokens=64, messages={msgs}) as st:")
                 lines.append("    out.append(st.get_final_text())")
         else:
             lines.append(f"tool({op[1]}, {', '.join(repr(a) for a in op[2:])})")
