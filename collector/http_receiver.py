@@ -42,7 +42,6 @@ from tracetape.collector.writer import Overloaded, Reservation, StoreUnavailable
 log = logging.getLogger("tracetape.collector.http")
 
 TRACES_PATH = "/v1/traces"
-_READ_CHUNK = 256 * 1024
 _WRITER = web.AppKey("writer", object)
 _LIMIT = web.AppKey("limit", int)
 _STATS = web.AppKey("stats", ReceiverStats)
@@ -218,16 +217,20 @@ _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 413: code_pb2.RESOURCE_EXHAUSTED, 
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The raw (still encoded) body, reading no more than `limit` + 1 bytes; `TooLarge` beyond."""
+    """The raw (still encoded) body; `TooLarge` past `limit` bytes (reading at most one buffer beyond it).
+
+    The chunks are kept as the connection delivered them and joined once at the end: one copy of the body."""
     if request.content_length is not None and request.content_length > limit:
         raise od.TooLarge(f"request body of {request.content_length} bytes is over the {limit}-byte limit")
-    data = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     while True:
-        chunk = await request.content.read(_READ_CHUNK)
+        chunk = await request.content.readany()
         if not chunk:
-            return bytes(data)
-        data += chunk
-        if len(data) > limit:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise od.TooLarge(f"request body is over the {limit}-byte limit")
 
 

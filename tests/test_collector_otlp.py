@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,14 @@ def test_over_the_limit_is_413_with_a_status_body_and_a_gzip_bomb_too(tmp_path: 
             assert status == 413
             assert headers["Content-Type"] == "application/x-protobuf"  # not aiohttp's text/plain 413
             assert status_pb2.Status.FromString(body).message.startswith("request body")
+
+            async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit is found while reading
+                for _ in range(6):
+                    yield b"\0" * (limit // 4)
+
+            status, headers, body = await post(url, chunked(), PB)  # type: ignore[arg-type]
+            assert status == 413
+            assert status_pb2.Status.FromString(body).message == f"request body is over the {limit}-byte limit"
             bomb = gzip_bomb(128 << 20)  # 128 MiB in about 128 KiB: under the limit as sent
             assert len(bomb) < limit
             started = time.monotonic()
