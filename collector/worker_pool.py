@@ -79,7 +79,8 @@ class WorkerPool:
         return self._executor
 
     async def start(self) -> None:
-        """Start every worker now rather than on first use; returns once each has run its initializer."""
+        """Start the workers now rather than on first use: `processes` calls at once make the pool start
+        them all; returns when those calls have been answered."""
         await asyncio.gather(*(self.run(_ready) for _ in range(self.processes)))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
