@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -93,6 +95,25 @@ def test_past_the_budget_a_body_is_refused_with_retry_after() -> None:
 
     status, retry_after, admitted = asyncio.run(run())
     assert status == 503 and retry_after == str(heavy.RETRY_AFTER_S) and admitted == 0
+
+
+def _die(*_: object) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_that_dies_costs_its_request_a_503_and_the_next_one_gets_a_new_worker() -> None:
+    async def run() -> tuple[ApiError, Any]:
+        pool = heavy.HeavyPool(workers=1)
+        try:
+            with pytest.raises(ApiError) as failed:
+                await pool.run(10, _die)
+            return failed.value, await pool.run(10, heavy.job_redact, None, b'{"a": 1}')
+        finally:
+            pool.shutdown()
+
+    failed, after = asyncio.run(run())
+    assert (failed.status, failed.body["error"], (failed.headers or {}).get("Retry-After")) == (503, "busy", str(heavy.RETRY_AFTER_S))
+    assert after is None  # answered by a fresh worker (nothing to mask)
 
 
 def _post(url: str, body: bytes) -> tuple[int, Any]:
