@@ -6,7 +6,8 @@ Contract:
   recorded HTTP attempt under its `ExactKey` — method (upper-case), normalised path, raw query string,
   semantic headers (sorted `(lower-case name, value)` pairs) and the sha256 of its stored request body (the
   step record's `request_body.digest`; the digest of `b""` when it had none) — mapped to its envelope hash.
-- `request_key(...)` builds the same key for a received request (the body is the decoded body, as sent).
+- `request_key(...)` builds the same key for a received request (the body is the decoded body, as sent);
+  `key_of(...)` from its parts, when the body's digest and the semantic headers are already at hand.
 - `lookup(key)` answers the envelope hash that `envelopes.received_envelope` + `contract.envelope_hash` would
   compute for that request, or None ("run the slow path"). It never answers anything else:
   - a *trusted* entry answers at once. An entry is trusted when (a) the run was hashed under this
@@ -69,7 +70,13 @@ def request_semantic_headers(headers: Any) -> tuple[tuple[str, str], ...]:
 def request_key(method: str, path: str, query: str, headers: Any, body: bytes) -> ExactKey:
     """The key of a received request: `path` normalised as the envelope's (`Profile.envelope_path`), `query`
     raw, `headers` the request's multidict, `body` decoded (Content-Encoding removed)."""
-    return (hashlib.sha256(body).digest(), method.upper(), path, query, request_semantic_headers(headers))
+    return key_of(hashlib.sha256(body).digest(), method, path, query, request_semantic_headers(headers))
+
+
+def key_of(body_digest: bytes, method: str, path: str, query: str,
+           semantic: tuple[tuple[str, str], ...]) -> ExactKey:
+    """The key from its parts, for a caller that already has the body's sha256 and the semantic headers."""
+    return (body_digest, method.upper(), path, query, semantic)
 
 
 def attempt_key(attempt: AttemptRecord) -> ExactKey:

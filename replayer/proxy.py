@@ -33,7 +33,7 @@ from tracetape.instrumentation import contract, redaction
 from tracetape.replayer import forward, heavy, miss, tape
 from tracetape.replayer.envelopes import received_envelope
 from tracetape.replayer.errors import ApiError, decoded_body, read_json
-from tracetape.replayer.exact import ExactIndex, ExactKey, request_semantic_headers
+from tracetape.replayer.exact import ExactIndex, ExactKey, key_of, request_semantic_headers
 from tracetape.replayer.matching import HIT, MISS, Claim, Slot
 from tracetape.replayer.profiles import Profile
 from tracetape.replayer.session import MODE_EXACT, MODE_LIVE, ReplaySession
@@ -105,8 +105,10 @@ class Received:
     def exact_hash(self, exact: ExactIndex) -> str | None:
         """The envelope hash when the request's bytes are a recording's (one sha256 of the body), else None.
         Not for a heavy body (its sha256 runs in a thread: `match_hash`)."""
-        key = self._key = (hashlib.sha256(self.body).digest(), self.request.method.upper(), self.path, self.query,
-                           self.semantic)
+        return self._lookup(exact, hashlib.sha256(self.body).digest())
+
+    def _lookup(self, exact: ExactIndex, body_digest: bytes) -> str | None:
+        key = self._key = key_of(body_digest, self.request.method, self.path, self.query, self.semantic)
         found = exact.lookup(key)
         if found is not None:
             self.env_hash = found
@@ -117,11 +119,8 @@ class Received:
         (and then remembered by the index when it is a recorded key to confirm)."""
         if exact is not None:
             if self.heavy:
-                digest = await asyncio.to_thread(_sha256, self.body)
-                self._key = (digest, self.request.method.upper(), self.path, self.query, self.semantic)
-                found = exact.lookup(self._key)
+                found = self._lookup(exact, await asyncio.to_thread(_sha256, self.body))
                 if found is not None:
-                    self.env_hash = found
                     return found
             elif self._key is None and self.exact_hash(exact) is not None:
                 return self.env_hash
