@@ -43,7 +43,7 @@ from tracetape.replayer.errors import ApiError
 from tracetape.replayer.exact import ExactIndex
 from tracetape.replayer.matching import ON_EXHAUSTED, ON_EXHAUSTED_ERROR, MatchIndex
 from tracetape.replayer.payloads import PayloadCache
-from tracetape.replayer.tape import AttemptHeaders, attempt_headers, chunk_bounds
+from tracetape.replayer.tape import AttemptHeaders, attempt_bounds, attempt_headers
 
 MODE_EXACT = "exact"
 MODE_STEP = "step"
@@ -189,12 +189,11 @@ class ReplaySession:
         return headers
 
     def chunk_bounds(self, step_index: int, attempt_pos: int, size: int) -> list[tuple[int, int]]:
-        """`tape.chunk_bounds` of a recorded attempt's `size`-byte response, computed once per session."""
+        """`tape.attempt_bounds` of a recorded attempt's `size`-byte response, computed once per session."""
         key = (step_index, attempt_pos, size)
         bounds = self._bounds.get(key)
         if bounds is None:
-            ends = self.steps[step_index].attempts[attempt_pos].chunk_ends
-            bounds = self._bounds[key] = chunk_bounds(ends or [size], size)
+            bounds = self._bounds[key] = attempt_bounds(self.steps[step_index].attempts[attempt_pos], size)
         return bounds
 
     def blob(self, ref: PayloadRef | None) -> bytes:

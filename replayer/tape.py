@@ -15,7 +15,8 @@ Contract (`serve_attempt`):
 Returns an `Outcome` (what was sent) for coverage and recording; with `outcome=False` (the session does not
 record) a complete non-streamed answer returns None instead (nothing to report).
 `attempt_headers(attempt)` are the headers sent for an attempt, `x-tracetape-replayed-from` included: a session
-builds them once per attempt and passes them in (aiohttp copies them into each response).
+builds them once per attempt and passes them in (aiohttp copies them into each response), as it does the
+attempt's chunk boundaries (`attempt_bounds`).
 """
 
 from __future__ import annotations
@@ -110,8 +111,14 @@ def attempt_headers(attempt: AttemptRecord) -> AttemptHeaders:
     reported = list(headers.items())
     headers[contract.REPLAYED_FROM_HEADER] = f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"  # lineage only
     status = attempt.status
-    whole = not (status is None or attempt.end_reason == contract.END_ERROR or (attempt.streamed and attempt.chunk_ends))
+    broken = attempt.end_reason == contract.END_ERROR
+    whole = not (status is None or broken or (attempt.streamed and attempt.chunk_ends))
     return AttemptHeaders(headers, reported, status or 0, whole)
+
+
+def attempt_bounds(attempt: AttemptRecord, size: int) -> list[tuple[int, int]]:
+    """`chunk_bounds` of a recorded attempt's `size`-byte response (one chunk when none were recorded)."""
+    return chunk_bounds(attempt.chunk_ends or [size], size)
 
 
 async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: bytes, *, pace: float,
@@ -124,10 +131,10 @@ async def serve_attempt(request: web.Request, attempt: AttemptRecord, body: byte
         return await _serve_failure(request, attempt, pace)
     if headers is None:
         headers = attempt_headers(attempt)
-    broken = attempt.end_reason == contract.END_ERROR
-    if broken or (attempt.streamed and attempt.chunk_ends):
+    if not headers.whole:  # streamed at its recorded chunks, or broken mid-way
         if bounds is None:
-            bounds = chunk_bounds(attempt.chunk_ends or [len(body)], len(body))
+            bounds = attempt_bounds(attempt, len(body))
+        broken = attempt.end_reason == contract.END_ERROR
         return await _serve_stream(request, attempt, status, body, headers, bounds, pace, broken, outcome)
     started_ns = time.time_ns() if outcome else 0
     if pace:
