@@ -109,10 +109,6 @@ class _Scan(NamedTuple):
 @dataclass(frozen=True)
 class _Compiled:
     rule: Rule
-    bytes_re: re.Pattern[bytes]
-    text_re: re.Pattern[str]
-    bytes_needles: tuple[bytes, ...]
-    text_needles: tuple[str, ...]
     bytes_scan: _Scan
     text_scan: _Scan
 
@@ -133,11 +129,10 @@ def _anchor(literal: str, offset: int, encode: bool) -> _Anchor:
 def _compile(rules: Iterable[Rule]) -> tuple[_Compiled, ...]:
     out = []
     for r in rules:
-        bytes_re, text_re = re.compile(r.pattern.encode()), re.compile(r.pattern)
-        bytes_needles = tuple(n.encode() for n in r.needles)
-        bytes_scan = _Scan(bytes_re, bytes_needles, tuple(_anchor(lit, at, True) for lit, at in r.anchors))
-        text_scan = _Scan(text_re, r.needles, tuple(_anchor(lit, at, False) for lit, at in r.anchors))
-        out.append(_Compiled(r, bytes_re, text_re, bytes_needles, r.needles, bytes_scan, text_scan))
+        bytes_scan = _Scan(re.compile(r.pattern.encode()), tuple(n.encode() for n in r.needles),
+                           tuple(_anchor(lit, at, True) for lit, at in r.anchors))
+        text_scan = _Scan(re.compile(r.pattern), r.needles, tuple(_anchor(lit, at, False) for lit, at in r.anchors))
+        out.append(_Compiled(r, bytes_scan, text_scan))
     return tuple(out)
 
 

@@ -138,7 +138,7 @@ def test_anchors_hold_for_every_match_of_the_default_rules(rule: redaction.Rule,
 def test_pivots_are_rare_characters() -> None:
     """The anchors are found through their rarest character when it is rare enough (memchr-speed `find`)."""
     compiled = redaction._compile(redaction.DEFAULT_RULES)
-    pivots = {rule.bytes_re.pattern.decode(): [a.pivot for a in rule.bytes_scan.anchors] for rule in compiled}
+    pivots = {rule.rule.pattern: [a.pivot for a in rule.bytes_scan.anchors] for rule in compiled}
     assert pivots[r"sk-[A-Za-z0-9_\-]{16,}"] == [b"-"]
     assert pivots[r"AKIA[0-9A-Z]{16}"] == [b"K"]
     assert pivots[r"AIza[0-9A-Za-z_\-]{35}"] == [b"z"]
