@@ -108,15 +108,14 @@ def tree_status_kib(pid: int, field: str) -> int | None:
 
 def tree_cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds used so far by these processes (those still alive)."""
-    total = 0
+    from tests.support.reliability import stat_fields
+
+    ticks = 0
     for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
+        fields = stat_fields(p)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def python_env(extra_path: list[Path] | None = None) -> dict[str, str]:

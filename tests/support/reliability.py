@@ -177,11 +177,18 @@ def survivors(pids: list[int], within_s: float = 20.0) -> dict[int, str]:
 
 
 def _running(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of `/proc/PID/stat` after the command name (state first, utime and stime at 11 and 12);
+    None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
 
 
 def _cmdline(pid: int) -> str:
