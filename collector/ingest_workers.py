@@ -44,8 +44,6 @@ class IngestWorkers:
     """A pool of `processes` ingest worker processes for the store at `store_path`."""
 
     def __init__(self, store_path: str, processes: int) -> None:
-        self.store_path = store_path
-        self.processes = processes
         self.pool = WorkerPool(processes, _open_store, (store_path,), name="ingest worker")
 
     @property
