@@ -241,18 +241,19 @@ class StoreWriter:
         try:
             results = self.store.apply([batch for batch, _, _ in group], outbox=self.outbox)
             self.stats["commits"] += 1
-        except StoreFull as err:
-            log.error("store full: %s", err)
-            for _, loop, fut in group:
-                loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(30.0, str(err)))
-            return
-        except Exception:  # a bug: isolate the request that causes it, keep the writer and the others alive
+        except Exception as err:
+            # One request alone may fit where the group did not (a nearly full store), or one request may
+            # break the write (a bug): retry each alone, so the others are written and the writer lives on.
             if len(group) > 1:
                 for item in group:
                     self._commit([item])
                 return
-            log.exception("store write failed")
             _, loop, fut = group[0]
+            if isinstance(err, StoreFull):
+                log.error("store full: %s", err)
+                loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(30.0, str(err)))
+                return
+            log.exception("store write failed")
             loop.call_soon_threadsafe(_fail, fut, IngestFailed("the store could not write this request"))
             return
         for (_, loop, fut), result in zip(group, results):
