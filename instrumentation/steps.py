@@ -20,10 +20,11 @@ Contract of this module:
   are ended with `span.end()` only; no OTel context is attached or detached here.
 - The per-chunk path is two list appends and one `time.monotonic_ns()`; bodies are joined, redacted and
   turned into attributes once, in `finish`.
-- A request body of `HASH_ELSEWHERE_FROM` bytes or more (first attempts only) has its envelope hashed on
-  tracetape's hashing thread while the request goes out, instead of before it: its span gets `ENVELOPE_HASH`
-  when that is done and always before it ends (`finish` waits for it), so the exported span carries exactly
-  what it would otherwise. A retry waits for every pending hash before it looks for its step.
+- A request body of `CAPTURE_ELSEWHERE_FROM` bytes or more (first attempts only) is redacted, parsed and
+  hashed on tracetape's capture thread while the request goes out, instead of before it: its span gets
+  `REQUEST_BODY`, `ENVELOPE_HASH`, the request model and its `chat {model}` name when that is done, and
+  always before it ends (`finish` waits for it), so the exported span carries exactly what it would
+  otherwise. A retry waits for every pending capture before it looks for its step.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -80,47 +81,74 @@ _recent = _RecentSteps()
 
 def reset_retry_groups() -> None:
     """Forget every step that a later retry could join (a new run, or tests)."""
-    _hasher.wait()
+    _capturer.wait()
     _recent.clear()
 
 
-HASH_ELSEWHERE_FROM = 128 << 10
-"""Request bodies at least this large are hashed on the hashing thread (see the module doc): ~1.2 ms per MB
-that the caller no longer waits for. Smaller ones cost less than handing them over."""
+CAPTURE_ELSEWHERE_FROM = 128 << 10
+"""Request bodies at least this large are redacted, parsed and hashed on the capture thread (see the module
+doc): ≈2.5 ms per MB that the caller no longer waits for. Smaller ones cost less than handing them over."""
 
 
-_HASHER_THREAD = "tracetape-hash"
+_CAPTURE_THREAD = "tracetape-capture"
 
 
-class _Hasher:
-    """One background thread hashing envelopes in submission order (a step's `_recent` entry is put there, in
-    the order the steps started); started on first use, forgotten in a forked child."""
+class _Request(NamedTuple):
+    """What the envelope of an HTTP attempt is made of: `headers` with secrets dropped, `body` as sent."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class _Captured(NamedTuple):
+    """A request body made fit to record: redacted, its envelope hashed, the model it names (if any)."""
+
+    body: bytes
+    envelope_hash: str
+    model: str | None
+
+
+def _capture(request: _Request) -> _Captured:
+    redacted = redaction.redact_body(request.body)
+    parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name
+    envelope = contract.http_envelope(request.method, request.path, request.query, request.headers, redacted,
+                                      parsed_body=parsed)
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return _Captured(redacted, contract.envelope_hash(envelope), model if isinstance(model, str) else None)
+
+
+class _Capturer:
+    """One background thread capturing large request bodies in submission order (a step's `_recent` entry is
+    put there, in the order the steps started); started on first use, forgotten in a forked child."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: set[Future[str]] = set()
+        self._pending: set[Future[_Captured]] = set()
 
-    def submit(self, envelope: dict[str, Any], group: tuple[str, int, int]) -> Future[str] | None:
-        """The future hash of `envelope`, remembered for retries under `group`; None when the thread cannot
-        take it (the interpreter is exiting): then the caller hashes it itself."""
+    def submit(self, request: _Request, group: tuple[str, int, int]) -> Future[_Captured] | None:
+        """The future capture of `request`, its hash remembered for retries under `group`; None when the
+        thread cannot take it (the interpreter is exiting): then the caller captures it itself."""
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix=_HASHER_THREAD)
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=_CAPTURE_THREAD)
             try:
-                future = self._pool.submit(_hash_and_remember, envelope, group)
+                future = self._pool.submit(_capture_and_remember, request, group)
             except RuntimeError:
                 return None
             self._pending.add(future)
         future.add_done_callback(self._done)
         return future
 
-    def _done(self, future: Future[str]) -> None:
+    def _done(self, future: Future[_Captured]) -> None:
         with self._lock:
             self._pending.discard(future)
 
     def wait(self) -> None:
-        """Return once every hash submitted so far is done (and in `_recent`)."""
+        """Return once every capture submitted so far is done (and its hash in `_recent`)."""
         with self._lock:
             pending = list(self._pending)
         for future in pending:
@@ -131,8 +159,8 @@ class _Hasher:
 
     @staticmethod
     def on_own_thread() -> bool:
-        """Whether this is the hashing thread (a garbage-collected attempt may end there: it must not wait)."""
-        return threading.current_thread().name.startswith(_HASHER_THREAD)
+        """Whether this is the capture thread (a garbage-collected attempt may end there: it must not wait)."""
+        return threading.current_thread().name.startswith(_CAPTURE_THREAD)
 
     def forget(self) -> None:
         """In a forked child: the parent's thread does not exist here."""
@@ -141,14 +169,14 @@ class _Hasher:
         self._pending = set()
 
 
-def _hash_and_remember(envelope: dict[str, Any], group: tuple[str, int, int]) -> str:
-    env_hash = contract.envelope_hash(envelope)
-    _recent.put(env_hash, group)
-    return env_hash
+def _capture_and_remember(request: _Request, group: tuple[str, int, int]) -> _Captured:
+    captured = _capture(request)
+    _recent.put(captured.envelope_hash, group)
+    return captured
 
 
-_hasher = _Hasher()
-os.register_at_fork(after_in_child=_hasher.forget)
+_capturer = _Capturer()
+os.register_at_fork(after_in_child=_capturer.forget)
 
 
 def error_type(exc: BaseException) -> str:
@@ -210,9 +238,9 @@ class HttpAttempt:
         "step_id",
         "attempt",
         "step_kind",
-        "_envelope_hash",
+        "_capture",
+        "_named_by_model",
         "provider",
-        "model",
         "_t0",
         "_chunks",
         "_times",
@@ -232,18 +260,18 @@ class HttpAttempt:
         step_id: str,
         attempt: int,
         step_kind: str,
-        envelope_hash: str | Future[str],
+        capture: _Captured | Future[_Captured],
+        named_by_model: bool,
         provider: str | None,
-        model: str | None,
         t0: int,
     ) -> None:
         self.span = span
         self.step_id = step_id
         self.attempt = attempt
         self.step_kind = step_kind
-        self._envelope_hash = envelope_hash
+        self._capture = capture
+        self._named_by_model = named_by_model
         self.provider = provider
-        self.model = model
         self._t0 = t0
         self._chunks: list[bytes] = []
         self._times: list[int] = []
@@ -254,24 +282,41 @@ class HttpAttempt:
         self._once = threading.Lock()
         self._recording_error: str | None = None
 
-    @property
-    def envelope_hash(self) -> str:
-        """The request's envelope hash (waits for the hashing thread when it is computed there)."""
-        value = self._envelope_hash
-        if isinstance(value, str):
+    def _captured(self) -> _Captured:
+        """The captured request (waits for the capture thread when it is captured there)."""
+        value = self._capture
+        if isinstance(value, _Captured):
             return value
-        if not value.done() and _hasher.on_own_thread():
-            raise RuntimeError("the envelope hash is not computed yet")  # waiting here would never end
+        if not value.done() and _capturer.on_own_thread():
+            raise RuntimeError("the request is not captured yet")  # waiting here would never end
         return value.result()
 
-    def _hash_attribute(self, attrs: dict[str, Any]) -> None:
-        """`ENVELOPE_HASH` into `attrs` when it was computed on the hashing thread (waiting for it)."""
-        if isinstance(self._envelope_hash, str):
+    @property
+    def envelope_hash(self) -> str:
+        """The request's envelope hash."""
+        return self._captured().envelope_hash
+
+    @property
+    def model(self) -> str | None:
+        """The model the request names, if any."""
+        return self._captured().model
+
+    def _capture_attributes(self, attrs: dict[str, Any]) -> None:
+        """The request's attributes into `attrs` when it was captured on the capture thread (waiting for it),
+        and the span's `chat {model}` name."""
+        if isinstance(self._capture, _Captured):
             return
         try:
-            attrs[contract.ENVELOPE_HASH] = self._envelope_hash = self.envelope_hash
-        except Exception as exc:  # noqa: BLE001 - the span still ends, saying why it has no hash
+            captured = self._capture = self._captured()
+        except Exception as exc:  # noqa: BLE001 - the span still ends, saying why it has no body or hash
             self.recording_error(exc)
+            return
+        attrs[contract.REQUEST_BODY] = captured.body
+        attrs[contract.ENVELOPE_HASH] = captured.envelope_hash
+        if captured.model is not None:
+            attrs[contract.GEN_AI_REQUEST_MODEL] = captured.model
+            if self._named_by_model:
+                self.span.update_name(contract.step_span_name(self.step_kind, model=captured.model))
 
     # --- driven by the hooks ----------------------------------------------------------------------------
 
@@ -344,7 +389,7 @@ class HttpAttempt:
         span = self.span
         try:
             attrs = self._response_attrs
-            self._hash_attribute(attrs)
+            self._capture_attributes(attrs)
             chunks, times = self._chunks, self._times
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if not self._encoding:
@@ -421,19 +466,12 @@ def _start(
     parts = urlsplit(url)
     path = contract.normalize_path(ctx.upstream_path(parts.path))
     kept = _drop_secret_headers(headers)
-    redacted = redaction.redact_body(bytes(body))
-    parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name
-    envelope = contract.http_envelope(method, path, parts.query, kept, redacted, parsed_body=parsed)
-
     provider = contract.detect_provider(parts.hostname or "", kept)
     kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    if not isinstance(model, str):
-        model = None
-
     started_ns = time.time_ns()
     retry = _retry_count(kept)
-    (step_id, step_started_ns, step_index), env_hash = _step_of(envelope, retry, len(redacted), started_ns)
+    request = _Request(method, path, parts.query, kept, bytes(body))
+    capture, (step_id, step_started_ns, step_index) = _step_of(request, retry, started_ns)
 
     attrs: dict[str, Any] = {
         contract.RUN_ID: ctx.run_id,
@@ -449,13 +487,16 @@ def _start(
         contract.REQUEST_METHOD: method,
         contract.REQUEST_URL: redaction.redact_text(url),
         contract.REQUEST_HEADERS: contract.encode_headers(kept),
-        contract.REQUEST_BODY: redacted,
     }
-    if isinstance(env_hash, str):
-        attrs[contract.ENVELOPE_HASH] = env_hash  # else set in `finish`, from the hashing thread
+    model = None
+    if isinstance(capture, _Captured):  # else set in `finish`, from the capture thread
+        model = capture.model
+        attrs[contract.REQUEST_BODY] = capture.body
+        attrs[contract.ENVELOPE_HASH] = capture.envelope_hash
     attrs.update(contract.genai_request_attributes(kind, provider, model))
 
-    if kind == contract.STEP_KIND_MODEL and not _inside_anthropic_call_span():
+    named_by_model = kind == contract.STEP_KIND_MODEL and not _inside_anthropic_call_span()
+    if named_by_model:
         name = contract.step_span_name(kind, model=model)
     else:
         name = contract.step_span_name(contract.STEP_KIND_HTTP, method=method, path=path)
@@ -465,35 +506,35 @@ def _start(
         step_id=step_id,
         attempt=retry,
         step_kind=kind,
-        envelope_hash=env_hash,
+        capture=capture,
+        named_by_model=named_by_model,
         provider=provider,
-        model=model,
         t0=t0,
     )
 
 
 def _step_of(
-    envelope: dict[str, Any], retry: int, body_size: int, started_ns: int
-) -> tuple[tuple[str, int, int], str | Future[str]]:
-    """The step an attempt belongs to, `(step id, started ns, index)`, and its envelope hash (or the future hash,
-    for a large body hashed on the hashing thread). A retry joins the latest step with the same envelope; any
-    other attempt starts a new step, remembered for its retries."""
-    env_hash: str | None = None
+    request: _Request, retry: int, started_ns: int
+) -> tuple[_Captured | Future[_Captured], tuple[str, int, int]]:
+    """The captured request (or its future, for a large body captured on the capture thread) and the step the
+    attempt belongs to, `(step id, started ns, index)`. A retry joins the latest step with the same envelope;
+    any other attempt starts a new step, remembered for its retries."""
+    captured: _Captured | None = None
     if retry > 0:
-        _hasher.wait()  # the attempt it retries may still be hashing
-        env_hash = contract.envelope_hash(envelope)
-        group = _recent.get(env_hash)
+        _capturer.wait()  # the attempt it retries may still be being captured
+        captured = _capture(request)
+        group = _recent.get(captured.envelope_hash)
         if group is not None:
-            return group, env_hash
+            return captured, group
     group = (runtime.new_step_id(), started_ns, runtime.next_step_index())
-    if env_hash is None and body_size >= HASH_ELSEWHERE_FROM:
-        future = _hasher.submit(envelope, group)  # puts the step in `_recent` once hashed
+    if captured is None and len(request.body) >= CAPTURE_ELSEWHERE_FROM:
+        future = _capturer.submit(request, group)  # puts the step in `_recent` once captured
         if future is not None:
-            return group, future
-    if env_hash is None:
-        env_hash = contract.envelope_hash(envelope)
-    _recent.put(env_hash, group)
-    return group, env_hash
+            return future, group
+    if captured is None:
+        captured = _capture(request)
+    _recent.put(captured.envelope_hash, group)
+    return captured, group
 
 
 def _start_broken(ctx: runtime.RunContext, method: str, exc: Exception, t0: int) -> HttpAttempt | None:
@@ -521,9 +562,9 @@ def _start_broken(ctx: runtime.RunContext, method: str, exc: Exception, t0: int)
             step_id=attrs[contract.STEP_ID],
             attempt=0,
             step_kind=contract.STEP_KIND_HTTP,
-            envelope_hash="",
+            capture=_Captured(b"", "", None),
+            named_by_model=False,
             provider=None,
-            model=None,
             t0=t0,
         )
         attempt._recording_error = attrs[contract.RECORDING_ERROR]
