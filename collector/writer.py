@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ class StoreWriter:
         self._prepare_pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="tracetape-prepare")
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._full_logged_at = float("-inf")
         self.stats = {"requests": 0, "spans": 0, "rejected": 0, "duplicates": 0, "commits": 0, "overloaded": 0}
 
     async def start(self) -> None:
@@ -250,7 +252,7 @@ class StoreWriter:
                 return
             _, loop, fut = group[0]
             if isinstance(err, StoreFull):
-                log.error("store full: %s", err)
+                self._log_full(err)
                 loop.call_soon_threadsafe(_fail, fut, StoreUnavailable(30.0, str(err)))
                 return
             log.exception("store write failed")
@@ -258,6 +260,13 @@ class StoreWriter:
             return
         for (_, loop, fut), result in zip(group, results):
             loop.call_soon_threadsafe(_succeed, fut, result)
+
+    def _log_full(self, err: StoreFull) -> None:
+        """Log a full store at most once a second (each request of a failed group is tried, and fails, alone)."""
+        now = time.monotonic()
+        if now - self._full_logged_at >= 1.0:
+            self._full_logged_at = now
+            log.error("store full: %s", err)
 
 
 def _succeed(fut: asyncio.Future[BatchResult], result: BatchResult) -> None:

@@ -321,29 +321,38 @@ def test_a_request_that_breaks_the_write_fails_alone(store: Store) -> None:
     assert len(store.steps("acme", "prod", RUN)) == 1 and store.run("acme", "prod", "run-bad") is None
 
 
-def test_a_request_that_fits_a_nearly_full_store_is_written_when_its_group_does_not_fit(tmp_path: Path) -> None:
-    """A full store fails a commit group; each request is then tried alone, and the one that fits is written."""
+def test_a_request_that_fits_a_nearly_full_store_is_written_when_its_group_does_not_fit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full store fails a commit group; each request is then tried alone, and the one that fits is written.
+    The full store is logged once, not once per request."""
     from tracetape.collector.writer import StoreUnavailable
 
     capped = Store(tmp_path / "small", map_size=1 << 20, max_map_size=1 << 20)
     small = Agent(run_id="run-small")
     small.step("00000000000000a1", 1_000, b'{"ok":1}', RESPONSE)
-    big = Agent(run_id="run-big")
-    big.step("00000000000000a2", 1_000, os.urandom(2 << 20), b"{}")
-    batches = [ingest.prepare(big.request(), capped), ingest.prepare(small.request(), capped)]
+    batches = []
+    for n in range(2):
+        big = Agent(run_id=f"run-big-{n}")
+        big.step(f"00000000000000b{n}", 1_000, os.urandom(2 << 20), b"{}")
+        batches.append(ingest.prepare(big.request(), capped))
+    batches.append(ingest.prepare(small.request(), capped))
 
     async def scenario() -> list[object]:
         writer = StoreWriter(capped)
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future(), loop.create_future()]
-        writer._commit([(batches[0], loop, futures[0]), (batches[1], loop, futures[1])])
+        futures = [loop.create_future() for _ in batches]
+        writer._commit([(batch, loop, fut) for batch, fut in zip(batches, futures)])
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     try:
-        too_big, ok = asyncio.run(scenario())
-        assert isinstance(too_big, StoreUnavailable) and too_big.retry_after >= 1 and "full" in too_big.message
+        with caplog.at_level("ERROR", logger="tracetape.collector"):
+            *too_big, ok = asyncio.run(scenario())
+        for refused in too_big:
+            assert isinstance(refused, StoreUnavailable) and refused.retry_after >= 1 and "full" in refused.message
         assert ok.accepted == 1 and len(capped.steps("acme", "prod", "run-small")) == 1
-        assert capped.run("acme", "prod", "run-big") is None  # nothing of the failed request
+        assert capped.run("acme", "prod", "run-big-0") is None and capped.run("acme", "prod", "run-big-1") is None
+        assert sum("store full" in r.getMessage() for r in caplog.records) == 1
     finally:
         capped.close()
 
