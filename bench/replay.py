@@ -485,7 +485,8 @@ def throughput(ctx: Ctx, prm: Params, tape: Tape, work: Path, standin_port: int,
         start = info["rss_start"][name]
         at_stop = info["rss_at_stop"][name]
         ctx.note(f"{name} at the end of the replay load: anonymous {at_stop['rssanon_mib_at_end']:.1f} MiB, "
-                 f"file-backed {at_stop['rssfile_mib_at_end']:.1f} MiB (code and libraries; a replayer's mapped LMDB pages)")
+                 f"file-backed {at_stop['rssfile_mib_at_end']:.1f} MiB "
+                 "(code and libraries; a replayer's mapped LMDB pages)")
         rows.append(row("memory", f"{name} after the replay load", "peak RSS (VmHWM)", (hwm or 0) / 1024, "MiB",
                         ratio=(hwm or 0) / (start or 1), ratio_of="RSS when ready", ready_mib=(start or 0) / 1024,
                         **at_stop))
