@@ -9,6 +9,7 @@ once, by the instrumentor, after the tracer provider is set up.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 from dataclasses import dataclass, field
@@ -96,7 +97,11 @@ def next_step_index() -> int:
         return next(_state.step_counter)
 
 
+_step_ids = random.Random()  # seeded from os.urandom; not the global generator, which an application may seed
+os.register_at_fork(after_in_child=_step_ids.seed)  # a forked child must not repeat its parent's ids
+
+
 def new_step_id() -> str:
-    """A fresh step id: 16 hex characters, drawn as the SDK draws span ids (`random`, reseeded in a forked
-    child); `os.urandom` costs a system call per step."""
-    return f"{random.getrandbits(64):016x}"
+    """A fresh step id: 16 hex characters from tracetape's own generator (`os.urandom` costs a system call per
+    step; the global `random`, which agents seed for reproducible runs, would repeat ids across processes)."""
+    return f"{_step_ids.getrandbits(64):016x}"

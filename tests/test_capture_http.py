@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import random
 import re
 import threading
 from typing import Any
@@ -656,3 +658,28 @@ def test_httpx2_records_sdk_traffic_on_any_host_and_other_traffic_on_configured_
     assert plain.attributes[contract.STEP_KIND] == "http"
     assert model.attributes[contract.STEP_KIND] == "model"
     assert model.attributes[contract.REQUEST_URL].startswith(other_standin.url)
+
+
+def test_step_ids_ignore_the_global_random_seed_and_differ_in_a_forked_child() -> None:
+    """Agents seed `random` for reproducible runs; two processes seeded alike must still get distinct step ids,
+    and so must a forked child and its parent."""
+    state = random.getstate()
+    try:
+        random.seed(42)
+        first = [runtime.new_step_id() for _ in range(3)]
+        random.seed(42)
+        second = [runtime.new_step_id() for _ in range(3)]
+    finally:
+        random.setstate(state)
+    assert set(first).isdisjoint(second)
+    assert all(re.fullmatch("[0-9a-f]{16}", step_id) for step_id in first + second)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without running any of the parent's cleanup
+        os.write(write_end, runtime.new_step_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert re.fullmatch("[0-9a-f]{16}", child_id) and child_id != runtime.new_step_id()
