@@ -45,6 +45,7 @@ from opentelemetry.trace import SpanKind
 from tracetape.instrumentation import contract
 from tracetape.instrumentation.config import RecorderConfig
 from tracetape.instrumentation.exporter import SizeSplittingExporter
+from tracetape.instrumentation.ids import OwnIdGenerator
 
 TRACER_NAME = "tracetape"
 MAX_QUEUE_SIZE = 8192
@@ -209,6 +210,7 @@ def build_recorder(
     provider = RecorderProvider(
         sampler=ALWAYS_ON,
         resource=resource,
+        id_generator=OwnIdGenerator(),
         shutdown_on_exit=False,
         span_limits=SpanLimits(max_attribute_length=SpanLimits.UNSET, max_span_attribute_length=SpanLimits.UNSET),
     )

@@ -9,8 +9,6 @@ once, by the instrumentor, after the tracer provider is set up.
 from __future__ import annotations
 
 import itertools
-import os
-import random
 import threading
 from dataclasses import dataclass, field
 
@@ -95,13 +93,3 @@ def next_step_index() -> int:
     """This process's next call number (0, 1, ...); thread-safe."""
     with _state.lock:
         return next(_state.step_counter)
-
-
-_step_ids = random.Random()  # seeded from os.urandom; not the global generator, which an application may seed
-os.register_at_fork(after_in_child=_step_ids.seed)  # a forked child must not repeat its parent's ids
-
-
-def new_step_id() -> str:
-    """A fresh step id: 16 hex characters from tracetape's own generator (`os.urandom` costs a system call per
-    step; the global `random`, which agents seed for reproducible runs, would repeat ids across processes)."""
-    return f"{_step_ids.getrandbits(64):016x}"

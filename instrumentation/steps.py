@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tracetape.instrumentation import contract, redaction, runtime
+from tracetape.instrumentation import contract, ids, redaction, runtime
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 """The header both provider SDKs send with every attempt: 0 for the first, N for the N-th retry."""
@@ -526,7 +526,7 @@ def _step_of(
         group = _recent.get(captured.envelope_hash)
         if group is not None:
             return captured, group
-    group = (runtime.new_step_id(), started_ns, runtime.next_step_index())
+    group = (ids.new_step_id(), started_ns, runtime.next_step_index())
     if captured is None and len(request.body) >= CAPTURE_ELSEWHERE_FROM:
         future = _capturer.submit(request, group)  # puts the step in `_recent` once captured
         if future is not None:
@@ -545,7 +545,7 @@ def _start_broken(ctx: runtime.RunContext, method: str, exc: Exception, t0: int)
             contract.TENANT: ctx.tenant,
             contract.SCOPE: ctx.scope,
             contract.SPAN_KIND: contract.SPAN_KIND_STEP,
-            contract.STEP_ID: runtime.new_step_id(),
+            contract.STEP_ID: ids.new_step_id(),
             contract.STEP_STARTED_NS: time.time_ns(),
             contract.STEP_INDEX: runtime.next_step_index(),
             contract.STEP_KIND: contract.STEP_KIND_HTTP,

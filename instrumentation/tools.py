@@ -41,7 +41,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tracetape.instrumentation import contract, redaction, runtime
+from tracetape.instrumentation import contract, ids, redaction, runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,7 +135,7 @@ class _Step:
             contract.GEN_AI_TOOL_NAME: name,
             contract.SPAN_KIND: contract.SPAN_KIND_STEP,
             contract.STEP_KIND: contract.STEP_KIND_TOOL,
-            contract.STEP_ID: runtime.new_step_id(),
+            contract.STEP_ID: ids.new_step_id(),
             contract.STEP_STARTED_NS: started_ns,
             contract.STEP_INDEX: runtime.next_step_index(),
             contract.STEP_ATTEMPT: 0,

@@ -660,26 +660,55 @@ def test_httpx2_records_sdk_traffic_on_any_host_and_other_traffic_on_configured_
     assert model.attributes[contract.REQUEST_URL].startswith(other_standin.url)
 
 
-def test_step_ids_ignore_the_global_random_seed_and_differ_in_a_forked_child() -> None:
-    """Agents seed `random` for reproducible runs; two processes seeded alike must still get distinct step ids,
-    and so must a forked child and its parent."""
+def test_ids_ignore_the_global_random_seed_and_differ_in_a_forked_child() -> None:
+    """Agents seed `random` for reproducible runs; two processes seeded alike must still get distinct step ids
+    and span ids (the collector would take a repeated span id for a retry), and so must a forked child and its
+    parent."""
+    from tracetape.instrumentation import ids
+
+    def draw() -> list[str]:
+        gen = ids.OwnIdGenerator()
+        return [ids.new_step_id(), f"{gen.generate_span_id():016x}", f"{gen.generate_trace_id():032x}"]
+
     state = random.getstate()
     try:
         random.seed(42)
-        first = [runtime.new_step_id() for _ in range(3)]
+        first = draw()
         random.seed(42)
-        second = [runtime.new_step_id() for _ in range(3)]
+        second = draw()
     finally:
         random.setstate(state)
     assert set(first).isdisjoint(second)
-    assert all(re.fullmatch("[0-9a-f]{16}", step_id) for step_id in first + second)
+    assert re.fullmatch("[0-9a-f]{16}", first[0]) and re.fullmatch("[0-9a-f]{32}", first[2])
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: its first id, then out without running any of the parent's cleanup
-        os.write(write_end, runtime.new_step_id().encode())
+    if pid == 0:  # the child: its first ids, then out without running any of the parent's cleanup
+        os.write(write_end, " ".join(draw()).encode())
         os._exit(0)
     os.close(write_end)
-    child_id = os.read(read_end, 64).decode()
+    child = os.read(read_end, 256).decode().split()
     os.close(read_end)
     os.waitpid(pid, 0)
-    assert re.fullmatch("[0-9a-f]{16}", child_id) and child_id != runtime.new_step_id()
+    assert len(child) == 3 and set(child).isdisjoint(draw())
+
+
+def test_the_recorders_spans_ignore_the_global_random_seed() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tracetape.instrumentation.config import RecorderConfig
+    from tracetape.instrumentation.provider import build_recorder
+
+    exporter = InMemorySpanExporter()
+    rec = build_recorder(RecorderConfig(run_id="run-seeded", endpoint="http://127.0.0.1:9"),
+                         service_name="seeded", exporter=exporter)
+    state = random.getstate()
+    try:
+        contexts = []
+        for _ in range(2):
+            random.seed(7)
+            with rec.tracer.start_as_current_span("episode") as span:
+                contexts.append(span.get_span_context())
+    finally:
+        random.setstate(state)
+        rec.provider.close()
+    assert contexts[0].span_id != contexts[1].span_id and contexts[0].trace_id != contexts[1].trace_id
