@@ -1,7 +1,8 @@
 """tracetape's tracer provider, and flushing it when the process ends.
 
 `build_recorder` makes a `TracerProvider` (resource `service.name` = the given name, `OTEL_SERVICE_NAME`
-winning; always-on sampling; no attribute length limit) whose spans go through a `BatchSpanProcessor`
+winning; always-on sampling; no attribute length limit; span and trace ids from `ids.OwnIdGenerator`, which an
+application seeding `random` cannot repeat) whose spans go through a `BatchSpanProcessor`
 (queue 8192, schedule delay 500 ms) to the size-splitting OTLP/HTTP exporter, and whose first processor
 stamps `RUN_ID`, `TENANT` and `SCOPE` on every span it starts (tracetape's own tracer starts its spans with them).
 
