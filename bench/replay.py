@@ -145,8 +145,8 @@ def _free_port() -> int:
 
 class Proc:
     """A server subprocess; `stop()` returns its VmHWM (KiB) read just before it ends, and keeps its anonymous and
-    file-backed resident KiB of that moment in `rss_at_stop` (file-backed: code, libraries and, in a replayer,
-    LMDB's mapped pages, which VmHWM counts too)."""
+    file-backed resident MiB of that moment in `rss_at_stop`, as row fields (file-backed: code, libraries and, in
+    a replayer, LMDB's mapped pages, which VmHWM counts too)."""
 
     def __init__(self, name: str, cmd: list[str], log: Path, *, env: dict[str, str] | None = None,
                  port: int | None = None, first_line: bool = False) -> None:
@@ -165,7 +165,7 @@ class Proc:
         self.start_s = time.perf_counter() - t
         self.port = port
         self.rss_start_kib = self.rss_kib()
-        self.rss_at_stop: dict[str, int | None] = {}
+        self.rss_at_stop: dict[str, float] = {}
 
     @property
     def pid(self) -> int:
@@ -174,13 +174,10 @@ class Proc:
     def rss_kib(self) -> int | None:
         return proc_status_kib(self.pid, "VmRSS")
 
-    def rss_at_stop_mib(self) -> dict[str, float]:
-        """`rss_at_stop` as row fields, in MiB."""
-        return {f"{field.lower()}_mib_at_end": (kib or 0) / 1024 for field, kib in self.rss_at_stop.items()}
-
     def stop(self) -> int | None:
         hwm = vm_hwm_kib(self.pid)
-        self.rss_at_stop = {field: proc_status_kib(self.pid, field) for field in ("RssAnon", "RssFile")}
+        self.rss_at_stop = {f"{field.lower()}_mib_at_end": (proc_status_kib(self.pid, field) or 0) / 1024
+                            for field in ("RssAnon", "RssFile")}
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -480,7 +477,7 @@ def throughput(ctx: Ctx, prm: Params, tape: Tape, work: Path, standin_port: int,
             hwm = proc.stop()
             info.setdefault("hwm", {})[name] = hwm
             info.setdefault("rss_start", {})[name] = proc.rss_start_kib
-            info.setdefault("rss_at_stop", {})[name] = proc.rss_at_stop_mib()
+            info.setdefault("rss_at_stop", {})[name] = proc.rss_at_stop
     for name, hwm in info["hwm"].items():
         start = info["rss_start"][name]
         at_stop = info["rss_at_stop"][name]
@@ -671,7 +668,7 @@ def lookup_scaling(ctx: Ctx, prm: Params, tape: Tape, work: Path) -> tuple[list[
                             ratio=median(times) / median(created[smallest][how]), ratio_of=f"{smallest:,} steps",
                             all_ms=[x * 1000 for x in times]))
         rows.append(row("memory", f"tracetape replayer, {size:,}-step store after lookups", "peak RSS (VmHWM)",
-                        (hwm[size] or 0) / 1024, "MiB", **procs[size].rss_at_stop_mib()))
+                        (hwm[size] or 0) / 1024, "MiB", **procs[size].rss_at_stop))
         if errors:
             ctx.note(f"replay lookup {size}: {errors} errors")
     info["created"] = created
