@@ -527,11 +527,11 @@ def _step_of(
         if group is not None:
             return captured, group
     group = (ids.new_step_id(), started_ns, runtime.next_step_index())
-    if captured is None and len(request.body) >= CAPTURE_ELSEWHERE_FROM:
-        future = _capturer.submit(request, group)  # puts the step in `_recent` once captured
-        if future is not None:
-            return future, group
     if captured is None:
+        if len(request.body) >= CAPTURE_ELSEWHERE_FROM:
+            future = _capturer.submit(request, group)  # puts the step in `_recent` once captured
+            if future is not None:
+                return future, group
         captured = _capture(request)
     _recent.put(captured.envelope_hash, group)
     return captured, group
