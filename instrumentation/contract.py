@@ -225,6 +225,34 @@ def canonical_body(body: bytes) -> Any:
         return {"$sha256": hashlib.sha256(body).hexdigest()}
 
 
+def model_of(parsed_body: Any) -> str | None:
+    """The model a parsed request body names: its top-level `model` string, if any."""
+    model = parsed_body.get("model") if isinstance(parsed_body, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class _ModelField(msgspec.Struct):
+    model: Any = None
+
+
+_decode_model_field = msgspec.json.Decoder(_ModelField).decode
+
+
+def request_model(body: bytes) -> str | None:
+    """The top-level `model` string of a JSON object body, decoding only that member: the rest of the document
+    is checked for syntax and skipped, not built (a 32 MiB chat body ≈10 ms instead of ≈32 ms parsed whole; a
+    body that is not a JSON object stops at its first byte). Equal to `model_of(canonical_body(body))` except
+    where the whole-document decoder rejects a skipped member's content (invalid UTF-8 in a string, a number
+    out of float range): this still reads the model there."""
+    if not body:
+        return None
+    try:
+        model = _decode_model_field(body).model
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # not a JSON object (or not JSON at all)
+        return None
+    return model if isinstance(model, str) else None
+
+
 def http_envelope(
     method: str,
     path: str,

@@ -116,8 +116,7 @@ def _capture(request: _Request) -> _Captured:
     parsed = contract.canonical_body(redacted)  # parsed once: envelope and model name
     envelope = contract.http_envelope(request.method, request.path, request.query, request.headers, redacted,
                                       parsed_body=parsed)
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    return _Captured(redacted, contract.envelope_hash(envelope), model if isinstance(model, str) else None)
+    return _Captured(redacted, contract.envelope_hash(envelope), contract.model_of(parsed))
 
 
 class _Capturer:

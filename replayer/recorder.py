@@ -165,8 +165,7 @@ class SessionRecorder:
                 retry = int(value)
         path = contract.normalize_path(urlsplit(url).path)
         kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
-        parsed = contract.canonical_body(body)
-        model = parsed.get("model") if isinstance(parsed, dict) and isinstance(parsed.get("model"), str) else None
+        model = contract.request_model(body)  # not the whole body parsed on the event loop (a huge one: bug R5)
         step_id, step_started, index = self._step_identity(original_index, envelope_hash, retry, outcome.started_ns)
         attempt_no = original.attempt if original is not None else retry
         encoding = ""

@@ -77,3 +77,18 @@ def test_provider_detection_and_span_names() -> None:
     assert contract.step_span_name(contract.STEP_KIND_MODEL, model="gpt-4o") == "chat gpt-4o"
     assert contract.step_span_name(contract.STEP_KIND_TOOL, tool="search") == "execute_tool search"
     assert contract.is_model_path("/v1/chat/completions") and not contract.is_model_path("/v1/models")
+
+
+def test_request_model_reads_what_the_parsed_body_names() -> None:
+    """`request_model` decodes only the `model` member; it answers what parsing the whole body answers."""
+    bodies = [b"", b"x", b"[]", b"{}", b'"model"', b'{"Model": "m"}', b'{"model": null}', b'{"model": 1}',
+              b'{"model": "m"}', b' {"model" : "m" } ', b'{"model": "a", "model": "b"}', b'{"model": "m"} x',
+              b'{"model": "m",}', b'\xef\xbb\xbf{"model": "m"}', b'{"model": "\\ud800"}', b'{"model": "m", "x": NaN}',
+              b'{"a": 123456789012345678901234567890, "model": "m"}', b"[" * 100_000 + b"]" * 100_000,
+              b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "model": "m"}',
+              json.dumps({"messages": [{"role": "user", "content": "é \u2028"}], "model": "gpt-4o",
+                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}).encode(),
+              json.dumps({"model": {"name": "m"}}).encode(), json.dumps([{"model": "m"}]).encode()]
+    for body in bodies:
+        assert contract.request_model(body) == contract.model_of(contract.canonical_body(body)), body[:60]
+    assert contract.request_model(bodies[-3]) == "gpt-4o"

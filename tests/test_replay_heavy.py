@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.replay_support import api
 from tests.replay_support import open_session as open_http_session
@@ -178,3 +179,26 @@ def test_killing_the_replayer_leaves_no_worker_behind(store: Store, tmp_path: Pa
         proc.kill()
         proc.wait()
     assert survivors(workers) == {}
+
+
+def test_a_recording_session_records_a_heavy_live_request_with_its_model(store: Store, standin: Standin) -> None:
+    """A session that records reads the model of a huge body it forwards without parsing the whole body on the
+    event loop (`contract.request_model`): the recorded step is the one a small body gives, model and name."""
+    _fill(store, [chat_request("question 0")])
+    exporter = InMemorySpanExporter()
+    replayer = start_replayer(store, standin, exporter=exporter)
+    try:
+        sid = open_http_session(replayer, "run-h", mode="live")["session_id"]
+        huge = json.dumps({"model": "gpt-heavy", "input": [0] * (heavy.HEAVY_BYTES // 2),
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        assert len(huge) >= heavy.HEAVY_BYTES
+        status, _ = _post(f"{replayer.url}/s/{sid}/openai/chat/completions", huge)
+        assert status == 200 and standin.last().body == huge  # forwarded live, as sent
+        api(f"{replayer.url}/v1/replay/sessions/{sid}", "DELETE")  # ends the replay run
+    finally:
+        replayer.stop()
+    steps = [s for s in exporter.get_finished_spans() if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    assert len(steps) == 1
+    step = steps[0]
+    assert step.attributes[c.GEN_AI_REQUEST_MODEL] == "gpt-heavy" and step.name == "chat gpt-heavy"
+    assert step.attributes[c.REQUEST_BODY] == huge
