@@ -309,8 +309,12 @@ def _enc_hook(obj: Any) -> Any:
 
 
 def encode_headers(headers: Sequence[tuple[str, str]]) -> str:
-    """Header pairs as the JSON string stored in `*_HEADERS` attributes."""
-    return msgspec.json.encode([[n, v] for n, v in headers]).decode()
+    """Header pairs as the JSON string stored in `*_HEADERS` attributes. A name or value that is not valid
+    text (bytes a server decoded with surrogate escapes) has the invalid bytes replaced."""
+    try:
+        return msgspec.json.encode([[n, v] for n, v in headers]).decode()
+    except UnicodeEncodeError:
+        return msgspec.json.encode([[_valid_text(n), _valid_text(v)] for n, v in headers]).decode()
 
 
 def decode_headers(value: str | bytes) -> list[tuple[str, str]]:

@@ -498,7 +498,7 @@ def _start(
     if named_by_model:
         name = contract.step_span_name(kind, model=model)
     else:
-        name = contract.step_span_name(contract.STEP_KIND_HTTP, method=method, path=path)
+        name = contract.step_span_name(contract.STEP_KIND_HTTP, method=method, path=redaction.redact_text(path))
     span = runtime.tracer().start_span(name, kind=SpanKind.CLIENT, attributes=attrs, start_time=started_ns)
     return HttpAttempt(
         span,

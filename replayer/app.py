@@ -117,15 +117,15 @@ async def create_session(request: web.Request) -> web.Response:
     principal = _principal(request, state)
     options = SessionOptions.from_json(await read_json(request))
     session = open_session(state.store(), options, principal, state.payloads)
+    state.sessions.add(session)  # refused here, a session has recorded nothing
     if options.record and state.recorder is not None:
         api_key = presented_key(request.headers) if principal is not None else None  # the replay goes with it
-        session.recorder = state.recorder.open(session, api_key=api_key)
-    try:
-        state.sessions.add(session)
-    except ApiError:
-        if session.recorder is not None:
-            session.recorder.close()
-        raise
+        try:
+            session.recorder = state.recorder.open(session, api_key=api_key)
+        except Exception:
+            state.sessions.remove(session.id)
+            state.sessions.release(session)
+            raise
     body = session.describe()
     body["base_urls"] = _base_urls(request, state, session.id)
     body["replay_base_url"] = f"{request.scheme}://{request.host}/s/{session.id}"
@@ -152,9 +152,12 @@ async def delete_session(request: web.Request) -> web.Response:
     principal = _principal(request, state)
     _own_session(request, state, principal)
     session = state.sessions.remove(request.match_info["sid"])
-    if session.recorder is not None and state.recorder is not None:
-        session.recorder.close()
-        await asyncio.get_running_loop().run_in_executor(None, state.recorder.flush)  # exported when we answer
+    try:
+        if session.recorder is not None and state.recorder is not None:
+            session.recorder.close()
+            await asyncio.get_running_loop().run_in_executor(None, state.recorder.flush)  # exported when we answer
+    finally:
+        state.sessions.release(session)  # its run id is free once the run is exported (or could not be)
     return web.json_response(session.report())
 
 

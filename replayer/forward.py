@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+
 import aiohttp
 from aiohttp import web
 
@@ -23,6 +25,19 @@ from tracetape.replayer.profiles import Profile
 from tracetape.replayer.tape import HOP_BY_HOP, Outcome, abort, response_headers
 
 _SKIP_REQUEST = HOP_BY_HOP | {"host"}
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while the answer was relayed to it."""
+
+
+async def _to_client(write: Awaitable[object]) -> None:
+    """Await a write to the client; its connection failing is `_ClientGone`, never an upstream error (aiohttp's
+    `ClientConnectionResetError` is both a `ConnectionError` and a `ClientError`)."""
+    try:
+        await write
+    except ConnectionError as err:
+        raise _ClientGone from err
 
 
 def new_client(timeout_s: float = 600.0) -> aiohttp.ClientSession:
@@ -56,23 +71,23 @@ async def forward(request: web.Request, client: aiohttp.ClientSession, profile: 
         chunks: list[bytes] = []
         total = 0
         try:
-            await resp.prepare(request)
+            await _to_client(resp.prepare(request))
             async for chunk in upstream.content.iter_any():
                 chunks.append(chunk)
                 total += len(chunk)
                 outcome.chunk_ends.append(total)
                 outcome.chunk_times_us.append(int((time.monotonic() - t0) * 1e6))
-                await resp.write(chunk)
-            await resp.write_eof()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                await _to_client(resp.write(chunk))
+            await _to_client(resp.write_eof())
+        except _ClientGone:
+            outcome.end_reason = contract.END_CLOSED
+            outcome.aborted = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:  # the upstream failed
             outcome.end_reason = contract.END_ERROR
             outcome.error_type = type(err).__name__
             outcome.error_message = redaction.redact_text(str(err))
             outcome.aborted = True
             abort(request)
-        except ConnectionError:
-            outcome.end_reason = contract.END_CLOSED
-            outcome.aborted = True
         outcome.body = b"".join(chunks)
         outcome.ended_ns = time.time_ns()
         return resp, outcome

@@ -1,10 +1,11 @@
 """Exporting a replayer's recorded replays to a collector that requires API keys.
 
 Contract: `KeyedExporter(collector)` sends each span with the API key bound to its replay run
-(`bind(run_id, key)`, from the session-creating request), so the collector stores the replay run under
+(`bind(run, key)`, from the session-creating request; a run is its span attributes' (tenant, scope, run
+id), so two tenants' runs of the same id never share a key), and the collector stores the replay run under
 that key's tenant, the same tenant as the run replayed. Spans of a run with no key bound go without one
 (collectors without keys). Keys are held in memory only, one OTLP exporter per distinct key (so at most as
-many as are configured); the key is never logged nor put on a span. `release(run_id)` forgets a run once
+many as are configured); the key is never logged nor put on a span. `release(run)` forgets a run once
 its spans have been flushed.
 """
 
@@ -22,6 +23,9 @@ from tracetape.instrumentation import contract
 MakeExporter = Callable[[str | None], SpanExporter]
 """Builds the exporter that sends with this API key (None: without one)."""
 
+RunKey = tuple[str, str, str]
+"""(tenant, scope, run id) of a replay run, as its spans' attributes say."""
+
 
 class KeyedExporter(SpanExporter):
     """Routes spans to per-key exporters by their `tracetape.run.id` (see module doc)."""
@@ -30,21 +34,21 @@ class KeyedExporter(SpanExporter):
         self._make = make_exporter
         self._lock = threading.Lock()
         self._by_digest: dict[bytes | None, SpanExporter] = {}
-        self._run_digest: dict[str, bytes] = {}
+        self._run_digest: dict[RunKey, bytes] = {}
         self._key_by_digest: dict[bytes, str] = {}
 
-    def bind(self, run_id: str, api_key: str | None) -> None:
-        """Export `run_id`'s spans with `api_key` (None: without a key)."""
+    def bind(self, run: RunKey, api_key: str | None) -> None:
+        """Export `run`'s spans with `api_key` (None: without a key)."""
         if not api_key:
             return
         digest = hashlib.sha256(api_key.encode()).digest()
         with self._lock:
-            self._run_digest[run_id] = digest
+            self._run_digest[run] = digest
             self._key_by_digest.setdefault(digest, api_key)
 
-    def release(self, run_id: str) -> None:
+    def release(self, run: RunKey) -> None:
         with self._lock:
-            self._run_digest.pop(run_id, None)
+            self._run_digest.pop(run, None)
 
     def _exporter(self, digest: bytes | None) -> SpanExporter:
         with self._lock:
@@ -58,8 +62,9 @@ class KeyedExporter(SpanExporter):
         groups: dict[bytes | None, list[ReadableSpan]] = {}
         with self._lock:
             for span in spans:
-                run_id = (span.attributes or {}).get(contract.RUN_ID)
-                groups.setdefault(self._run_digest.get(run_id) if isinstance(run_id, str) else None, []).append(span)
+                attrs = span.attributes or {}
+                run = (attrs.get(contract.TENANT), attrs.get(contract.SCOPE), attrs.get(contract.RUN_ID))
+                groups.setdefault(self._run_digest.get(run), []).append(span)  # type: ignore[arg-type]
         result = SpanExportResult.SUCCESS
         for digest, group in groups.items():
             if self._exporter(digest).export(group) is not SpanExportResult.SUCCESS:

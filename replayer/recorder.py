@@ -35,7 +35,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from tracetape.collector.records import AttemptRecord
 from tracetape.instrumentation import contract, redaction
 from tracetape.instrumentation.exporter import SizeSplittingExporter
-from tracetape.replayer.keyed_export import KeyedExporter
+from tracetape.replayer.keyed_export import KeyedExporter, RunKey
 from tracetape.replayer.tape import Outcome
 
 log = logging.getLogger("tracetape.replayer")
@@ -56,7 +56,7 @@ class ReplayRecorder:
             self.keyed = KeyedExporter(
                 lambda key: SizeSplittingExporter.otlp_http(url, max_bytes=MAX_EXPORT_BYTES, api_key=key))
             exporter = self.keyed
-        self._ended: list[str] = []
+        self._ended: list[RunKey] = []
         self._ended_lock = threading.Lock()
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: SERVICE}))
         self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
@@ -66,12 +66,12 @@ class ReplayRecorder:
     def open(self, session: Any, api_key: str | None = None) -> SessionRecorder:
         """A recorder for `session`'s replay run; its spans are exported with `api_key` when given."""
         if api_key and self.keyed is not None:
-            self.keyed.bind(session.replay_run_id, api_key)
+            self.keyed.bind(session.replay_run, api_key)
         return SessionRecorder(self, session)
 
-    def ended(self, run_id: str) -> None:
+    def ended(self, run: RunKey) -> None:
         with self._ended_lock:
-            self._ended.append(run_id)
+            self._ended.append(run)
 
     def flush(self) -> None:
         """Export what has ended, then forget the keys of the runs that had ended before."""
@@ -79,8 +79,8 @@ class ReplayRecorder:
             done, self._ended = self._ended, []
         self.provider.force_flush(10_000)
         if self.keyed is not None:
-            for run_id in done:
-                self.keyed.release(run_id)
+            for run in done:
+                self.keyed.release(run)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -163,7 +163,7 @@ class SessionRecorder:
         for name, value in kept:
             if name == "x-stainless-retry-count" and value.isdigit():
                 retry = int(value)
-        path = contract.normalize_path(urlsplit(url).path)
+        path = contract.normalize_path(redaction.redact_text(urlsplit(url).path))  # it names the span
         kind = contract.STEP_KIND_MODEL if provider and contract.is_model_path(path) else contract.STEP_KIND_HTTP
         model = contract.request_model(body)  # not the whole body parsed on the event loop (a huge one: bug R5)
         step_id, step_started, index = self._step_identity(original_index, envelope_hash, retry, outcome.started_ns)
@@ -235,4 +235,4 @@ class SessionRecorder:
         self.run_span.set_attribute(contract.RUN_OUTCOME, contract.OUTCOME_FAILED if failed else contract.OUTCOME_COMPLETED)
         self.run_span.set_attribute(contract.RUN_EXIT_CODE, 1 if failed else 0)
         self.run_span.end()
-        self.owner.ended(self.session.replay_run_id)
+        self.owner.ended(self.session.replay_run)

@@ -37,7 +37,7 @@ from tracetape.collector.auth import Principal
 from tracetape.collector.records import AttemptRecord, PayloadRef, RunRecord, StepRecord
 from tracetape.collector.store import Store
 from tracetape.collector.tenant_store import TenantStore
-from tracetape.instrumentation import contract
+from tracetape.instrumentation import contract, redaction
 from tracetape.replayer.coverage import Coverage
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.exact import ExactIndex
@@ -169,6 +169,11 @@ class ReplaySession:
     _bounds: dict[tuple[int, int, int], list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
+    def replay_run(self) -> tuple[str, str, str]:
+        """(tenant, scope, run id) of the run this replay is recorded as."""
+        return (self.run.tenant, self.run.scope, self.replay_run_id)
+
+    @property
     def tenant(self) -> str:
         return self.run.tenant
 
@@ -283,7 +288,7 @@ def find_own_run(reader: TenantStore, options: SessionOptions) -> RunRecord:
 
 
 def new_replay_run_id(original: str) -> str:
-    suffix = f"-replay-{os.urandom(3).hex()}"
+    suffix = f"-replay-{os.urandom(6).hex()}"
     return original[: 128 - len(suffix)] + suffix
 
 
@@ -301,6 +306,9 @@ def open_session(store: Store, options: SessionOptions, principal: Principal | N
     if reason is not None and not options.force:
         raise ApiError(409, "not_replayable", f"run {run.run_id} is not replayable: {reason}", run=run.run_id,
                        reason=reason, run_status=run.status, hint="pass force: true (--force) to replay it anyway")
+    if options.replay_run_id is not None and reader.run(run.scope, options.replay_run_id) is not None:
+        raise ApiError(409, "replay_run_exists", f"a run {options.replay_run_id!r} is already recorded: a replay "
+                       "records a new run", replay_run_id=options.replay_run_id)
     steps = reader.steps(run.scope, run.run_id)
     if options.mode != MODE_LIVE and options.until_step is not None and options.until_step > len(steps):
         raise ApiError(400, "bad_request", f"until_step {options.until_step} is past the run's {len(steps)} steps")
@@ -321,30 +329,44 @@ def open_session(store: Store, options: SessionOptions, principal: Principal | N
 
 
 class SessionManager:
-    """The live sessions of one replayer, by id."""
+    """The live sessions of one replayer, by id. Each holds its replay run's id (tenant, scope, run id) from
+    `add` until `release`, which comes after `remove` once the run's spans are exported: two sessions never
+    record into one run."""
 
     def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.max_sessions = max_sessions
         self._sessions: dict[str, ReplaySession] = {}
+        self._replay_runs: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
     def add(self, session: ReplaySession) -> None:
+        """503 `too_many_sessions` at the limit; 409 `replay_run_in_use` when another session holds its run id."""
+        run = session.replay_run
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise ApiError(503, "too_many_sessions", f"at most {self.max_sessions} sessions: delete some")
+            if run in self._replay_runs:
+                raise ApiError(409, "replay_run_in_use", f"another session records run {session.replay_run_id!r}",
+                               replay_run_id=session.replay_run_id)
             self._sessions[session.id] = session
+            self._replay_runs.add(run)
+
+    def release(self, session: ReplaySession) -> None:
+        """Free the replay run id of a removed session (its spans are exported)."""
+        with self._lock:
+            self._replay_runs.discard(session.replay_run)
 
     def get(self, sid: str) -> ReplaySession:
         session = self._sessions.get(sid)
         if session is None:
-            raise ApiError(404, "session_not_found", "no such replay session", session_id=sid[:64])
+            raise ApiError(404, "session_not_found", "no such replay session", session_id=redaction.redact_text(sid[:64]))
         return session
 
     def remove(self, sid: str) -> ReplaySession:
         with self._lock:
             session = self._sessions.pop(sid, None)
         if session is None:
-            raise ApiError(404, "session_not_found", "no such replay session", session_id=sid[:64])
+            raise ApiError(404, "session_not_found", "no such replay session", session_id=redaction.redact_text(sid[:64]))
         session.closed = True
         return session
 

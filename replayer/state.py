@@ -11,6 +11,7 @@ import aiohttp
 
 from tracetape.collector.auth import Authenticator
 from tracetape.collector.store import Store, StoreError
+from tracetape.instrumentation import redaction
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.heavy import HeavyPool
 from tracetape.replayer.payloads import PayloadCache
@@ -49,6 +50,6 @@ class ReplayerState:
     def profile(self, name: str) -> Profile:
         p = self.profiles.get(name)
         if p is None:
-            raise ApiError(404, "unknown_profile", f"no upstream profile {name!r}",
+            raise ApiError(404, "unknown_profile", f"no upstream profile {redaction.redact_text(name)!r}",
                            profiles=sorted(self.profiles))
         return p

@@ -337,6 +337,46 @@ async def replay_checks(base: str, svc: CollectorService, bodies: list[bytes]) -
     assert not [r for r in svc.store.runs("B") if r.replay_of]
 
 
+def test_two_tenants_replays_under_one_replay_run_id_stay_apart(tmp_path: Path) -> None:
+    """Tenants A and B each record a replay as `nightly-replay`: each replay goes with its own key and is stored
+    under its own tenant (spans are routed to keys by tenant, scope and run id, not by run id alone)."""
+
+    async def scenario() -> None:
+        config = cfg.parse(auth_doc(tmp_path / "data"))
+        async with running_collector(config) as svc:
+            url = http_url(svc)
+            for run_id, key in (("run-a", KEY_A), ("run-b", KEY_B)):
+                status, _, _ = await post(url, agent_request(run_id, tenant="x").SerializeToString(),
+                                          {**PB, "x-api-key": key})
+                assert status == 200
+            replayer = ReplayerService(store=svc.store, port=0, authenticator=config.authenticator,
+                                       collector=url.rsplit("/v1/traces", 1)[0])
+            await replayer.start()
+            sessions = f"{replayer.url}/v1/replay/sessions"
+            try:
+                async with aiohttp.ClientSession() as http:
+                    opened = {}
+                    for key, run_id in ((KEY_A, "run-a"), (KEY_B, "run-b")):
+                        status, opened[key] = await api(http, "POST", sessions, key,
+                                                        {"run_id": run_id, "replay_run_id": "nightly-replay"})
+                        assert status == 201, opened[key]
+                    proxy = f"{opened[KEY_A]['base_urls']['openai']}/chat/completions"
+                    async with http.post(proxy, data=chat_request("question 1"),
+                                         headers={"content-type": "application/json"}) as resp:
+                        assert resp.status == 200 and await resp.read() == RESPONSE
+                    for key in (KEY_A, KEY_B):  # A's run ends first: B's key binding must outlive it
+                        status, _ = await api(http, "DELETE", f"{sessions}/{opened[key]['session_id']}", key)
+                        assert status == 200
+            finally:
+                await replayer.stop()
+            for tenant, original, steps in (("A", "run-a", 1), ("B", "run-b", 0)):
+                replay = svc.store.run(tenant, "prod", "nightly-replay")
+                assert replay is not None and replay.replay_of == original, (tenant, replay)
+                assert (replay.step_count, replay.status) == (steps, c.OUTCOME_COMPLETED), (tenant, replay)
+
+    run(scenario())
+
+
 # --- TenantStore: enforcement at the key level ----------------------------------------------------------------
 
 

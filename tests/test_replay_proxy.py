@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -355,3 +356,117 @@ def test_routes_answer_json_whatever_the_path_or_method(store: Store, standin: S
     assert got == 409 and body["error"] == "replay_miss"  # the tools endpoint
     got, _ = api(f"{base}/s/{sid}/openai/chat/completions", "POST", raw=chat_request("nothing recorded"))
     assert got == 409
+
+
+def test_a_replay_records_a_new_run_of_its_own_and_a_refused_session_records_nothing(
+        store: Store, standin: Standin, spans: InMemorySpanExporter) -> None:
+    """`replay_run_id` may name neither a recorded run (the replay would be merged into it, the original
+    itself included) nor a run another session records; a session refused for any reason leaves no run."""
+    with recording(store, "run-own"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    replayer = start_replayer(store, standin, exporter=spans, max_sessions=2)
+    url = f"{replayer.url}/v1/replay/sessions"
+    try:
+        status, body = api(url, "POST", {"run_id": "run-own", "replay_run_id": "run-own"})
+        assert (status, body["error"]) == (409, "replay_run_exists")
+        nightly = open_session(replayer, "run-own", replay_run_id="nightly")
+        status, body = api(url, "POST", {"run_id": "run-own", "replay_run_id": "nightly"})
+        assert (status, body["error"]) == (409, "replay_run_in_use")
+        other = open_session(replayer, "run-own")
+        assert other["replay_run_id"].startswith("run-own-replay-")
+        status, body = api(url, "POST", {"run_id": "run-own"})
+        assert (status, body["error"]) == (503, "too_many_sessions")
+        _oai(nightly["base_urls"]["openai"]).chat.completions.create(model="gpt-x", messages=MSG)
+        for session in (nightly, other):
+            assert api(f"{url}/{session['session_id']}", "DELETE")[0] == 200
+        write_spans(store, list(spans.get_finished_spans()))
+        status, body = api(url, "POST", {"run_id": "run-own", "replay_run_id": "nightly"})
+        assert (status, body["error"]) == (409, "replay_run_exists")  # recorded now: never reused
+    finally:
+        replayer.stop()
+    write_spans(store, list(spans.get_finished_spans()))
+    replays = {r.run_id: r for r in store.runs("default", "default") if r.replay_of}
+    assert set(replays) == {"nightly", other["replay_run_id"]}
+    assert (replays["nightly"].step_count, replays["nightly"].status) == (1, c.OUTCOME_COMPLETED)
+    original = store.run("default", "default", "run-own")
+    assert (original.step_count, original.replay_of) == (1, "")
+
+
+KEY_IN_PATH = "sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJ"
+
+
+def test_keys_in_paths_never_reach_span_names_or_answers(store: Store, standin: Standin, replayer: object,
+                                                          spans: InMemorySpanExporter) -> None:
+    """A key in a proxied path is masked in the recorded step's name (as in its URL and envelope), by the
+    instrumentation and by the recording replayer; a key in the session or profile segment is not echoed."""
+    with recording(store, "run-path"):
+        _oai(standin.openai_base_url, max_retries=0).files.retrieve(KEY_IN_PATH)  # GET /v1/files/{id}
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    session = open_session(replayer, "run-path", mode="live")
+    status, _ = api(f"{session['base_urls']['openai']}/files/{KEY_IN_PATH}", "GET")
+    assert status < 500
+    api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    write_spans(store, list(spans.get_finished_spans()))
+    names = [s.name for r in store.runs("default", "default") for s in store.steps("default", "default", r.run_id)]
+    assert sum(n.startswith("GET /v1/files/sk-p*") for n in names) == 2, names  # recorded, then replayed live
+    sid = session["session_id"]
+    for method, path in (("POST", f"/s/{KEY_IN_PATH}/openai/chat/completions"), ("GET", f"/s/{sid}/{KEY_IN_PATH}/x"),
+                         ("GET", f"/v1/replay/sessions/{KEY_IN_PATH}")):
+        status, body = api(f"{replayer.url}{path}", method)
+        assert status == 404 and KEY_IN_PATH[8:] not in json.dumps(body), (path, body)
+    for _, key, value in store.dump():
+        assert KEY_IN_PATH[8:].encode() not in key + value
+
+
+def _raw_request(url: str, head: bytes, body: bytes, read_all: bool = True) -> tuple[bytes, socket.socket]:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    data = conn.recv(65536)
+    while read_all and (more := conn.recv(65536)):
+        data += more
+    return data, conn
+
+
+def test_a_header_that_is_not_utf8_is_recorded_not_dropped(store: Store, standin: Standin, replayer: object,
+                                                           spans: InMemorySpanExporter) -> None:
+    """A request header whose bytes are not UTF-8 (aiohttp decodes it with surrogate escapes): the tape answers,
+    and the recording replayer records the step with the invalid bytes replaced."""
+    with recording(store, "run-latin"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    attempt = store.steps("default", "default", "run-latin")[0].attempts[0]
+    body = store.blob("default", "default", attempt.request_body.digest)
+    semantic = "".join(f"{n}: {v}\r\n" for n, v in attempt.request_headers if n in c.SEMANTIC_HEADERS)
+    session = open_session(replayer, "run-latin")
+    head = (f"POST /s/{session['session_id']}/openai/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"{semantic}").encode() + b"x-user-note: caf\xe9\r\n"
+    answer, conn = _raw_request(replayer.url, head, body)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    steps = [s for s in spans.get_finished_spans() if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    assert len(steps) == 1
+    assert ["x-user-note", "caf\ufffd"] in json.loads(steps[0].attributes[c.REQUEST_HEADERS])
+
+
+def test_a_client_closing_a_live_stream_is_recorded_as_closed_not_as_an_upstream_error(
+        store: Store, standin: Standin, replayer: object, spans: InMemorySpanExporter) -> None:
+    with recording(store, "run-close"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    session = open_session(replayer, "run-close", mode="live")
+    body = json.dumps({"model": "gpt-x", "messages": MSG, "stream": True}).encode()
+    head = (f"POST /s/{session['session_id']}/openai/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nx-standin-chunks: 30\r\nx-standin-delay-ms: 50\r\n").encode()
+    first, conn = _raw_request(replayer.url, head, body, read_all=False)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    time.sleep(0.2)
+    conn.close()  # the agent stops reading
+    for _ in range(100):
+        status, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}")
+        if report["counts"]["live"]:
+            break
+        time.sleep(0.05)
+    api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    (step,) = [s for s in spans.get_finished_spans() if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    assert step.attributes[c.STREAM_END_REASON] == c.END_CLOSED
+    assert c.ERROR_TYPE not in step.attributes and step.status.is_ok
