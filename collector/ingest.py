@@ -19,6 +19,7 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from tracetape.collector import genai, keys
@@ -159,7 +160,7 @@ class _Envelope:
     """
 
     def __init__(self, rs: ResourceSpans, ss: ScopeSpans) -> None:
-        self.resource = _field(1, rs.resource.SerializeToString()) if rs.HasField("resource") else b""
+        self.resource = _field(1, _stored_resource(rs).SerializeToString()) if rs.HasField("resource") else b""
         self.rs_tail = _field(3, rs.schema_url.encode()) if rs.schema_url else b""
         self.scope = _field(1, ss.scope.SerializeToString()) if ss.HasField("scope") else b""
         self.ss_tail = _field(3, ss.schema_url.encode()) if ss.schema_url else b""
@@ -169,17 +170,35 @@ class _Envelope:
         return self.resource + _field(2, scope_spans) + self.rs_tail
 
 
-def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str]) -> None:
-    """Set string attributes on `span` (replacing a different value, e.g. a tenant the receiver overrode)."""
+_WHERE = (c.TENANT, c.SCOPE)
+
+
+def _stored_resource(rs: ResourceSpans) -> Resource:
+    """The resource as stored: without `tracetape.tenant`/`tracetape.scope` (each stored span names its own)."""
+    if not any(kv.key in _WHERE for kv in rs.resource.attributes):
+        return rs.resource
+    resource = Resource()
+    resource.CopyFrom(rs.resource)
+    kept = [kv for kv in resource.attributes if kv.key not in _WHERE]
+    del resource.attributes[:]
+    resource.attributes.extend(kept)
+    return resource
+
+
+def _stamp(span: Span, attrs: dict[str, AnyValue], values: dict[str, str], duplicated: bool) -> None:
+    """Make each attribute of `values` say exactly its value (a string), wherever the span claims otherwise: a
+    different value (e.g. a tenant the receiver overrode), another type, or the key repeated (`duplicated`:
+    some key occurs more than once). Attributes keep their positions."""
     for name, value in values.items():
-        if _str(attrs, name) == value:
+        current = attrs.get(name)
+        if current is None:
+            _add(span, name, value)
+            continue
+        if not duplicated and current.WhichOneof("value") == "string_value" and current.string_value == value:
             continue
         for kv in span.attributes:
             if kv.key == name:
                 kv.value.string_value = value
-                break
-        else:
-            _add(span, name, value)
 
 
 class _Preparer:
@@ -231,7 +250,8 @@ class _Preparer:
             raise Rejected(f"scope {scope!r} is not one this API key may write")
         run_id = keys.check_id(_str(attrs, c.RUN_ID) or keys.NO_RUN, "run id")
         kind = _str(attrs, c.SPAN_KIND)
-        _stamp(span, attrs, {c.TENANT: tenant, c.SCOPE: scope})  # the stored span says where it is stored
+        duplicated = len(attrs) != len(span.attributes)
+        _stamp(span, attrs, {c.TENANT: tenant, c.SCOPE: scope}, duplicated)  # the stored span says where it is
 
         refs, blobs = self.take_payloads(span, payload_at, tenant, scope) if payload_at else ({}, [])
         write = SpanWrite(tenant=tenant, scope=scope, run_id=run_id, span_key=b"", stored_span=b"", blobs=blobs)
@@ -292,7 +312,9 @@ class _Preparer:
         if _HEX16.fullmatch(step_id) is None:
             raise Rejected(f"{c.STEP_ID} must be 16 lower-case hex characters")
         envelope_hash = _str(attrs, c.ENVELOPE_HASH)
-        if _HEX64.fullmatch(envelope_hash) is None:
+        recording_error = _str(attrs, c.RECORDING_ERROR)
+        if _HEX64.fullmatch(envelope_hash) is None and not (recording_error and not envelope_hash):
+            # a step whose recording failed before its envelope was hashed is kept: the run must say so
             raise Rejected(f"{c.ENVELOPE_HASH} must be a sha256 hex digest")
         step_kind = _str(attrs, c.STEP_KIND, c.STEP_KIND_HTTP)
         if step_kind not in c.STEP_KINDS:
@@ -322,7 +344,7 @@ class _Preparer:
             tool_result=refs.get(c.TOOL_RESULT),
             error_type=_str(attrs, c.ERROR_TYPE),
             error_message=_str(attrs, c.ERROR_MESSAGE),
-            recording_error=_str(attrs, c.RECORDING_ERROR),
+            recording_error=recording_error,
         )
         if step_kind == c.STEP_KIND_MODEL and attempt.response_body is not None:
             self.read_genai(span, attrs, attempt)

@@ -357,6 +357,8 @@ class Store:
         if write.attempt.recording_error:
             run.recording_errors += 1
         txn.put(key, records.encode(step), db=self._dbs["steps"])
+        if not write.attempt.envelope_hash:  # its recording failed before the request was hashed: no envelope
+            return
         env_key = keys.envelope_key(
             write.tenant, write.scope, write.attempt.envelope_hash, write.run_id,
             new.started_ns, new.step_id, write.attempt.attempt,

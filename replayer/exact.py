@@ -101,6 +101,8 @@ class ExactIndex:
             if step.kind == contract.STEP_KIND_TOOL:
                 continue
             for attempt in step.attempts:
+                if not (attempt.envelope_hash or step.envelope_hash):  # never hashed: its recording failed
+                    continue
                 key = attempt_key(attempt)
                 if not trusted or key in self._pending:
                     self._pending.add(key)

@@ -60,7 +60,9 @@ class MatchIndex:
         self._slots: dict[str, list[Slot]] = {}
         for index, step in enumerate(steps):
             for pos, attempt in enumerate(step.attempts):
-                self._slots.setdefault(attempt.envelope_hash or step.envelope_hash, []).append(Slot(index, pos))
+                env_hash = attempt.envelope_hash or step.envelope_hash
+                if env_hash:  # none: its recording failed before the request was hashed; nothing matches it
+                    self._slots.setdefault(env_hash, []).append(Slot(index, pos))
         self._next: dict[str, int] = {}
         self._lock = threading.Lock()
 

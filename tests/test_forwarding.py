@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
@@ -24,8 +26,10 @@ from tests.support.collector import collector_config, fast_retry, http_url, run,
 from tests.support.jaeger_sink import JaegerSink, attributes
 from tests.support.spans import Agent
 from tracetape.collector import config as cfg
+from tracetape.collector import ingest
 from tracetape.collector import slim
 from tracetape.collector.forwarder import build_requests, parse_retry_after, span_count
+from tracetape.collector.store import Store
 from tracetape.instrumentation import contract as c
 
 PB = {"Content-Type": "application/x-protobuf"}
@@ -181,6 +185,52 @@ def test_build_requests_groups_by_resource_and_splits_by_bytes() -> None:
     small = dataclasses.replace(route, exporter=dataclasses.replace(exporter, max_batch_spans=100, max_batch_bytes=5000))
     requests, _ = build_requests(stored, small, Blobs())
     assert [span_count(r) for r in requests] == [2, 2, 2, 2, 2]
+
+
+def test_a_span_cannot_claim_another_tenant_to_get_its_payloads_forwarded(tmp_path: Path) -> None:
+    """The receiver's tenant (an API key's) is the only one a stored span names, whatever the span claims
+    (the key twice, a bytes value, the resource's): the forwarder, which fetches previews under the span's
+    tenant, can never read another tenant's blob for it."""
+    secret = b'{"messages": [{"role": "user", "content": "B-CONFIDENTIAL"}]}'
+
+    def request(attrs: list[tuple[str, AnyValue]], resource: list[tuple[str, AnyValue]], span_id: int) -> Any:
+        req = ExportTraceServiceRequest()
+        rs = req.resource_spans.add()
+        for key, value in resource:
+            rs.resource.attributes.add(key=key).value.CopyFrom(value)
+        span = rs.scope_spans.add().spans.add(trace_id=b"\x01" * 16, span_id=span_id.to_bytes(8, "big"), name="s",
+                                              start_time_unix_nano=1, end_time_unix_nano=2)
+        for key, value in attrs:
+            span.attributes.add(key=key).value.CopyFrom(value)
+        return req
+
+    store = Store(tmp_path / "db", map_size=16 << 20)
+    try:
+        store.apply([ingest.prepare(request([(c.REQUEST_BODY, AnyValue(bytes_value=secret))], [], 1), store, "B")])
+        ref = (c.REQUEST_BODY + ".ref", AnyValue(string_value=hashlib.sha256(secret).hexdigest()))
+        b, a = AnyValue(string_value="B"), AnyValue(string_value="A")
+        claims = [([(c.TENANT, b), (c.TENANT, a), ref], []),  # the key twice: the last one is the receiver's
+                  ([(c.TENANT, AnyValue(bytes_value=b"A")), ref], [(c.TENANT, b), (c.SCOPE, b)]),
+                  ([ref], [(c.TENANT, b)])]
+        for i, (attrs, resource) in enumerate(claims, start=2):
+            batch = ingest.prepare(request(attrs, resource, i), store, "A")
+            assert batch.rejected == 0, batch.errors
+            store.apply([batch])
+        stored = [value for table, key, value in store.dump() if table == "spans" and key.startswith(b"A\0")]
+        assert len(stored) == 3
+        for raw in stored:
+            rs = ResourceSpans.FromString(raw)
+            assert not [kv for kv in rs.resource.attributes if kv.key in (c.TENANT, c.SCOPE)]
+            span = rs.scope_spans[0].spans[0]
+            claimed = [kv.value for kv in span.attributes if kv.key == c.TENANT]
+            assert claimed and all(v.WhichOneof("value") == "string_value" and v.string_value == "A" for v in claimed)
+        exporter = cfg.OtlpExporter(id="otlphttp/x", protocol="http", endpoint="http://h:1",
+                                    url="http://h:1/v1/traces", max_batch_spans=100, max_batch_bytes=1 << 20)
+        requests, _ = build_requests(stored, cfg.ForwardRoute(exporter, cfg.SlimProcessor(max_attribute_bytes=4096)),
+                                     store)
+        assert span_count(requests[0]) == 3 and b"B-CONFIDENTIAL" not in requests[0].SerializeToString()
+    finally:
+        store.close()
 
 
 def test_retry_after_parsing() -> None:

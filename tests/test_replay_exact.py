@@ -185,3 +185,26 @@ def test_a_hit_found_by_bytes_is_claimed_like_any_other(store: Store, standin: S
     first, second = session.index.claim(hashes[0]), session.index.claim(hashes[1])
     assert (first.kind, second.kind) == (HIT, HIT) and first.slot != second.slot  # two recorded occurrences
     assert re.fullmatch(r"[0-9a-f]{64}", hashes[0])
+
+
+def test_a_step_whose_recording_failed_is_stored_and_makes_the_run_not_replayable(
+        store: Store, standin: Standin) -> None:
+    """The recorder failing on a request (here a bytes header value, which `requests` accepts) leaves a step
+    span without an envelope hash: the collector keeps it, counts the recording error, and the run is not
+    replayable (`recording_failure`). Forced anyway, nothing can match that step, by hash or exact bytes."""
+    from tracetape.instrumentation import steps
+
+    with recording(store, "run-broken"):
+        openai.OpenAI(base_url=standin.openai_base_url, api_key=API_KEY).chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+        attempt = steps.start_http_attempt(method="GET", url="http://127.0.0.1:9/", headers=[("X-Trace", b"abc")],
+                                           body=b"")
+        assert attempt is not None
+        attempt.finish(c.END_EXHAUSTED)
+    run = store.run("default", "default", "run-broken")
+    assert run is not None and (run.step_count, run.recording_errors) == (2, 1)
+    assert (run.replayable, run.reason) == (False, "recording_failure")
+    broken = store.steps("default", "default", "run-broken")[1]
+    assert broken.attempts[0].recording_error and not broken.attempts[0].envelope_hash
+    session = open_session(store, SessionOptions(run_id="run-broken", force=True))
+    assert "" not in session.index and len(session.exact) == 1
