@@ -10,13 +10,15 @@ for a subclass (same layout, `isinstance` still holds) whose raw-read primitives
 response is (`content-encoding`), de-chunked, and only what the application (or requests for it, when
 `stream=False`) actually reads. The attempt ends exactly once: `exhausted` when the body end is read,
 `error` on a read exception, `closed` when the response is closed before its end, `dropped` when it is
-garbage-collected first. This targets urllib3 2.x; with another urllib3 the body is not captured and
-`RECORDING_ERROR` says so.
+garbage-collected first. This targets urllib3 2.x: `_raw_read(amt)` (2.0, 2.1) or `_raw_read(amt, *, read1)`
+(2.2+), told apart once per response class from the installed signatures; with any other urllib3 (1.26) or
+signature the response is left untouched, the body is not captured and `RECORDING_ERROR` says so.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +62,18 @@ def _request_body(body: Any) -> tuple[bytes, str | None]:
     return b"", f"request body not captured: streamed {type(body).__name__}"
 
 
+def _header_text(part: Any) -> str:
+    """A request header name or value as text: requests also accepts bytes, sent as is, i.e. what a str
+    encoded as latin-1 (http.client's encoding of str headers) would be; so latin-1 decoding is exact."""
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return bytes(part).decode("latin-1")
+    return part if isinstance(part, str) else str(part)
+
+
+def _request_headers(headers: Any) -> list[tuple[str, str]]:
+    return [(_header_text(name), _header_text(value)) for name, value in headers.items()]
+
+
 def _end(raw: Any, reason: str, error: BaseException | None = None) -> None:
     attempt: HttpAttempt | None = raw.__dict__.get(_ATTEMPT)
     if attempt is None or attempt.finished:
@@ -91,13 +105,18 @@ class _TeedResponse:
     raising); `_BUSY` makes such a close leave the end reason to the read's own outcome.
     """
 
-    def _raw_read(self, amt: int | None = None, *, read1: bool = False) -> bytes:
+    def _raw_read(self, amt: int | None = None, *, read1: bool = False) -> bytes:  # urllib3 >= 2.2
+        read = functools.partial(super()._raw_read, amt, read1=read1)  # type: ignore[misc]
+        return self._tracetape_raw_read(read, amt, read1)
+
+    def _tracetape_raw_read(self, read: Any, amt: int | None, read1: bool) -> bytes:
+        """Run `read` (the class's own `_raw_read`, arguments bound as the caller passed them) and tee its bytes."""
         d = self.__dict__
         if _body_complete(self):  # closed earlier (an abandoned read generator): no natural end to see here
-            return super()._raw_read(amt, read1=read1)  # type: ignore[misc,no-any-return]
+            return read()  # type: ignore[no-any-return]
         d[_BUSY] = True
         try:
-            data = super()._raw_read(amt, read1=read1)  # type: ignore[misc]
+            data = read()
         except BaseException as exc:
             _end(self, contract.END_ERROR, exc)
             raise
@@ -107,7 +126,7 @@ class _TeedResponse:
             d[_ATTEMPT].chunk(data)
         if (amt is None and not read1) or (amt != 0 and not data) or _body_complete(self):
             _end(self, contract.END_EXHAUSTED)
-        return data
+        return data  # type: ignore[no-any-return]
 
     def _handle_chunk(self, amt: int | None) -> bytes:
         d = self.__dict__
@@ -151,15 +170,54 @@ class _TeedResponse:
             super().__del__()  # type: ignore[misc]
 
 
+class _TeedResponseAmtOnly(_TeedResponse):
+    """`_TeedResponse` for urllib3 2.0.x/2.1.x, whose `_raw_read(amt)` has no `read1`: same signature, same call."""
+
+    def _raw_read(self, amt: int | None = None) -> bytes:  # type: ignore[override]
+        read = functools.partial(super(_TeedResponse, self)._raw_read, amt)  # type: ignore[misc]
+        return self._tracetape_raw_read(read, amt, False)
+
+
+_EMPTY = inspect.Parameter.empty
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_SELF = ("self", _POS, _EMPTY)
+_AMT = ("amt", _POS, None)
+_MIXINS = {  # the installed `_raw_read` signature -> the mixin whose override has exactly that signature
+    (_SELF, _AMT): _TeedResponseAmtOnly,
+    (_SELF, _AMT, ("read1", inspect.Parameter.KEYWORD_ONLY, False)): _TeedResponse,
+}
+
+
+def _signature(cls: type, name: str) -> tuple[tuple[str, Any, Any], ...] | None:
+    try:
+        return tuple((p.name, p.kind, p.default) for p in inspect.signature(getattr(cls, name)).parameters.values())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 @functools.cache
-def _teed_class(cls: type) -> type:
-    return type(f"Teed{cls.__name__}", (_TeedResponse, cls), {"__module__": __name__})
+def _teed_class(cls: type) -> type | None:
+    """The teed subclass of urllib3 response class `cls`, decided once per class from the signatures of its read
+    primitives; None when they are not ones the overrides reproduce exactly (urllib3 1.26 has none of them)."""
+    if _signature(cls, "_handle_chunk") != (_SELF, ("amt", _POS, _EMPTY)):
+        return None
+    if _signature(cls, "_update_chunk_length") != (_SELF,):
+        return None
+    raw_read = _signature(cls, "_raw_read")
+    mixin = _MIXINS.get(raw_read) if raw_read is not None else None
+    if mixin is None:
+        return None
+    return type(f"Teed{cls.__name__}", (mixin, cls), {"__module__": __name__})
 
 
 def _install_tee(attempt: HttpAttempt, raw: Any) -> None:
     cls = type(raw)
-    if not (hasattr(cls, "_raw_read") and hasattr(cls, "_handle_chunk") and hasattr(cls, "_update_chunk_length")):
-        attempt.recording_error(f"response body not captured: unsupported {cls.__module__}.{cls.__name__}")
+    teed = _teed_class(cls)
+    if teed is None:
+        attempt.recording_error(
+            f"response body not captured: unsupported {cls.__module__}.{cls.__name__}"
+            " (no urllib3 2.x read primitives with known signatures)"
+        )
         attempt.finish(contract.END_CLOSED)
         return
     if _body_complete(raw):  # no body at all (HEAD, 204, 304, length 0): nothing will be read
@@ -167,7 +225,7 @@ def _install_tee(attempt: HttpAttempt, raw: Any) -> None:
         return
     raw.__dict__[_ATTEMPT] = attempt
     raw.__dict__[_FINALIZER] = weakref.finalize(raw, attempt.finish, contract.END_DROPPED)
-    raw.__class__ = _teed_class(cls)
+    raw.__class__ = teed
 
 
 def _wrapper(original: Any) -> Any:
@@ -179,7 +237,7 @@ def _wrapper(original: Any) -> Any:
         try:
             body, body_error = _request_body(request.body)
             attempt = start_http_attempt(
-                method=str(request.method), url=str(request.url), headers=list(request.headers.items()), body=body
+                method=str(request.method), url=str(request.url), headers=_request_headers(request.headers), body=body
             )
         except Exception:  # the recorder never breaks the call
             attempt, body_error = None, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import inspect
 import json
 import os
 import random
@@ -21,12 +22,13 @@ import httpx2
 import openai
 import pytest
 import requests
+import urllib3.response
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support.fixtures import Recorder, other_standin, recorder, standin  # noqa: F401
 from tests.support.standin import Exchange, Standin, answer_pieces
-from tracetape.instrumentation import contract, httpx_hook, redaction, runtime, steps
+from tracetape.instrumentation import contract, httpx_hook, redaction, requests_hook, runtime, steps
 
 OPENAI_KEY = "sk-test-0123456789abcdefghijKLMNOP"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdefghijKLMN"
@@ -598,6 +600,119 @@ def test_requests_gzip_and_partial_reads(recorder: Recorder, standin: Standin) -
     assert zipped.attributes[contract.REQUEST_BODY] == b"plain text body"
     assert partial.attributes[contract.STREAM_END_REASON] == contract.END_CLOSED
     assert partial.attributes[contract.RESPONSE_BODY] == first == ex_partial.response_body[:16]
+
+
+class _Urllib3Before22Response(urllib3.response.HTTPResponse):
+    """urllib3 2.0.x/2.1.x's response as the hook sees it: `_raw_read(self, amt=None)`, no `read1` keyword."""
+
+    def _raw_read(self, amt: int | None = None) -> bytes:  # type: ignore[override]
+        return super()._raw_read(amt)
+
+
+class _UnknownSignatureResponse(urllib3.response.HTTPResponse):
+    """A response class whose `_raw_read` signature the hook does not know (a wrapper taking anything)."""
+
+    def _raw_read(self, *args: Any, **kwargs: Any) -> bytes:
+        return super()._raw_read(*args, **kwargs)
+
+
+def test_requests_with_urllib3_before_2_2_tees_without_read1(
+    recorder: Recorder, standin: Standin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib3 2.0.x/2.1.x (allowed by requests) have `_raw_read(amt)` without `read1`: the hook must call it so.
+
+    Emulated rather than installed: installing urllib3 2.1 (and a matching requests) inside the test needs the
+    network and is slow, and a second urllib3 cannot be imported next to the installed one in this process. The
+    subclass below has exactly the 2.0/2.1 signature and delegates to the real `_raw_read`, which 2.2+ only
+    extended with `read1`; everything else (requests, urllib3's `read`/`stream`, the socket, the stand-in) is
+    real. It is put in at the one place urllib3 builds responses (`connection.getresponse` imports
+    `urllib3.response.HTTPResponse` at call time); the test checks that the agent really got it.
+    """
+    monkeypatch.setattr(urllib3.response, "HTTPResponse", _Urllib3Before22Response)
+    plain = requests.post(f"{standin.url}/echo", data=b"urllib3 2.1")  # requests reads it: read(amt) to EOF
+    zipped = requests.post(f"{standin.url}/echo", data=b"gz", headers={"x-standin-gzip": "1"})
+    with requests.get(f"{standin.url}/echo?whole=1", stream=True) as resp:
+        assert isinstance(resp.raw, _Urllib3Before22Response)
+        assert isinstance(resp.raw, requests_hook._TeedResponseAmtOnly)
+        whole = resp.raw.read()  # _raw_read(None): the whole body in one read
+    with requests.post(
+        f"{standin.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": chat("before 2.2"), "stream": True},
+        stream=True,
+    ) as resp:
+        first = next(resp.iter_content(chunk_size=16))  # closed before its end
+    for r in (plain, zipped):
+        assert isinstance(r.raw, _Urllib3Before22Response)
+        assert isinstance(r.raw, requests_hook._TeedResponseAmtOnly)
+    ex_plain, ex_zip, ex_whole, ex_partial = standin.wait(4)
+    s_plain, s_zip, s_whole, s_partial = recorder.wait_steps(4)
+    # what the agent got is exactly what the stand-in sent
+    assert plain.content == ex_plain.response_body and plain.json()["path"] == "/echo"
+    assert zipped.content == gzip.decompress(ex_zip.response_body)
+    assert whole == ex_whole.response_body
+    assert first == ex_partial.response_body[:16]
+    # and what was recorded is exactly what was read from the wire
+    below = ("host",)
+    for span, ex in ((s_plain, ex_plain), (s_zip, ex_zip), (s_whole, ex_whole)):
+        assert contract.RECORDING_ERROR not in attrs(span)
+        assert_step(span, ex, standin=standin, kind="http", provider=None, model=None, end="exhausted", added_below=below)
+    assert s_zip.attributes[contract.RESPONSE_CONTENT_ENCODING] == "gzip"
+    assert contract.RECORDING_ERROR not in attrs(s_partial)
+    assert s_partial.attributes[contract.STREAM_END_REASON] == contract.END_CLOSED
+    assert s_partial.attributes[contract.RESPONSE_BODY] == first
+
+
+def test_requests_with_urllib3_read1_tees_read1(recorder: Recorder, standin: Standin) -> None:
+    """The installed urllib3 (2.2+ has `read1`): the hook keeps passing `read1` through, and `read1()` is teed."""
+    if "read1" not in inspect.signature(urllib3.response.HTTPResponse._raw_read).parameters:
+        pytest.skip("installed urllib3 has no read1")
+    with requests.get(f"{standin.url}/echo?read1=1", stream=True) as resp:
+        assert isinstance(resp.raw, requests_hook._TeedResponse)
+        assert not isinstance(resp.raw, requests_hook._TeedResponseAmtOnly)
+        pieces = []
+        while piece := resp.raw.read1(7):
+            pieces.append(piece)
+    (span,) = recorder.wait_steps(1)
+    ex = standin.last()
+    assert b"".join(pieces) == ex.response_body
+    assert contract.RECORDING_ERROR not in attrs(span)
+    assert_step(span, ex, standin=standin, kind="http", provider=None, model=None, end="exhausted", added_below=("host",))
+
+
+def test_requests_with_unknown_read_signatures_is_not_teed_and_says_why(
+    recorder: Recorder, standin: Standin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `_raw_read` the hook cannot reproduce exactly: the response is left alone, as for urllib3 1.26."""
+    monkeypatch.setattr(urllib3.response, "HTTPResponse", _UnknownSignatureResponse)
+    r = requests.post(f"{standin.url}/echo", data=b"unknown")
+    assert type(r.raw) is _UnknownSignatureResponse
+    ex = standin.last()
+    assert r.content == ex.response_body
+    (span,) = recorder.wait_steps(1)
+    assert "response body not captured: unsupported" in attrs(span)[contract.RECORDING_ERROR]
+    assert span.attributes[contract.STREAM_END_REASON] == contract.END_CLOSED
+    assert span.attributes[contract.RESPONSE_STATUS] == 200
+
+
+def test_requests_bytes_header_names_and_values_are_recorded_as_latin1(recorder: Recorder, standin: Standin) -> None:
+    """requests sends bytes header names/values as is (http.client encodes str ones as latin-1)."""
+    r = requests.post(
+        f"{standin.url}/echo",
+        data=b"x",
+        headers={"X-Trace": b"abc", b"X-Bytes-Name": "plain", "X-Latin": b"caf\xe9"},
+    )
+    assert r.status_code == 200
+    (span,) = recorder.wait_steps(1)
+    ex = standin.last()
+    a = attrs(span)
+    assert contract.RECORDING_ERROR not in a
+    sent = dict(contract.decode_headers(a[contract.REQUEST_HEADERS]))
+    assert sent["x-trace"] == "abc"
+    assert sent["x-bytes-name"] == "plain"
+    assert sent["x-latin"] == "caf\xe9"  # b"caf\xe9" decoded as latin-1
+    assert a[contract.REQUEST_BODY] == b"x"
+    assert a[contract.RESPONSE_BODY] == ex.response_body == r.content
+    assert a[contract.STREAM_END_REASON] == contract.END_EXHAUSTED
 
 
 def test_aiohttp_is_recorded_for_configured_hosts_only(
