@@ -165,6 +165,10 @@ def load_keys_file(path: str | os.PathLike[str], where: str = "keys_file") -> li
             text = fh.read()
     except OSError as err:
         raise KeysError(f"{where}: cannot read {name!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise KeysError(f"{where}: {name} is not UTF-8 text (invalid byte at offset {err.start})") from None
+    except ValueError:  # a NUL in the path (`open` checks it before any system call)
+        raise KeysError(f"{where}: cannot read {name!r}: the path contains a NUL byte") from None
     try:
         data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError):

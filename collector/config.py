@@ -67,6 +67,8 @@ from tracetape.errors import CliError
 DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
 DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
 DEFAULT_MAX_RECV_MSG_SIZE_MIB = 64
+MAX_RECV_MSG_SIZE_MIB = (2**31 - 1) // 2**20
+"""2047: gRPC takes the limit in bytes as a C int (signed 32-bit)."""
 DEFAULT_MAX_REQUEST_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_ATTRIBUTE_BYTES = 16 * 1024
 DEFAULT_STORE_PATH = ".tracetape/data"
@@ -338,6 +340,9 @@ def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = No
         raise ConfigError(f"config file {os.fspath(path)!r} not found") from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not UTF-8 text "
+                          f"(invalid byte at offset {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -469,7 +474,8 @@ def _parse_receiver(cid: str, body: Any) -> OtlpReceiver:
         g = _mapping(protocols["grpc"], p)
         _check_keys(g, ("endpoint", "max_recv_msg_size_mib", "auth"), p)
         endpoint = _endpoint(g.get("endpoint", DEFAULT_GRPC_ENDPOINT), f"{p}.endpoint")
-        mib = _int(g.get("max_recv_msg_size_mib", DEFAULT_MAX_RECV_MSG_SIZE_MIB), f"{p}.max_recv_msg_size_mib", 1)
+        mib = _int(g.get("max_recv_msg_size_mib", DEFAULT_MAX_RECV_MSG_SIZE_MIB), f"{p}.max_recv_msg_size_mib", 1,
+                   MAX_RECV_MSG_SIZE_MIB)
         grpc = GrpcProtocol(endpoint, mib, _parse_protocol_auth(g.get("auth"), f"{p}.auth"))
     if "http" in protocols:
         p = f"{path}.protocols.http"
@@ -510,6 +516,8 @@ def _parse_exporter(cid: str, body: Any) -> StoreExporter | OtlpExporter:
         store_path = body.get("path", DEFAULT_STORE_PATH)
         if not isinstance(store_path, str) or not store_path.strip():
             raise ConfigError(f"{path}.path: expected a directory path")
+        if "\0" in store_path:
+            raise ConfigError(f"{path}.path: must not contain a NUL byte")
         return StoreExporter(
             cid,
             os.path.expanduser(store_path),
@@ -777,11 +785,13 @@ def _string_list(value: Any, path: str) -> list[str]:
     return list(value)
 
 
-def _int(value: Any, path: str, minimum: int = 0) -> int:
+def _int(value: Any, path: str, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ConfigError(f"{path}: must be between {minimum} and {maximum}, got {value}")
     if value < minimum:
         raise ConfigError(f"{path}: must be at least {minimum}, got {value}")
     return value

@@ -75,8 +75,8 @@ class CollectorService:
             self.store = await asyncio.to_thread(
                 Store, conf.path, map_size=min(DEFAULT_MAP_SIZE, conf.map_size), max_map_size=conf.map_size
             )
-        except (StoreError, OSError) as err:
-            raise CliError(f"cannot open the store at {conf.path}: {err}") from None
+        except (StoreError, OSError, ValueError) as err:  # ValueError: a NUL in a path the config did not check
+            raise CliError(f"cannot open the store at {conf.path!r}: {err}") from None
         self.writer = StoreWriter(self.store, max_pending_bytes=conf.max_pending_bytes,
                                   prepare_processes=conf.ingest_processes,
                                   outbox=bool(self.config.forward_routes))

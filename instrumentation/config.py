@@ -208,7 +208,17 @@ def normalize_endpoint(value: str) -> str:
     url = value.strip().rstrip("/")
     if url.endswith("/v1/traces"):
         url = url[: -len("/v1/traces")]
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"invalid {ENV_ENDPOINT} {value!r}: use an http(s) URL such as {DEFAULT_ENDPOINT}")
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. `http://[::1`: an unbalanced or invalid IPv6 literal
+        valid = False
+    if not valid:
+        raise ConfigError(f"invalid {ENV_ENDPOINT} {_without_userinfo(value)!r}: use an http(s) URL such as "
+                          f"{DEFAULT_ENDPOINT}")
     return url
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` for an error message: a `user:password@` before the host becomes `***@` (even when unparseable)."""
+    return re.sub(r"^([^/?#@]*//)?[^/?#]*@", lambda m: f"{m.group(1) or ''}***@", url.strip())

@@ -526,6 +526,8 @@ def _without_auth(doc: dict[str, Any], protocol: str) -> dict[str, Any]:
     (lambda d: d["extensions"]["tracetape_auth"].update(keys=[]), "extensions.tracetape_auth: no keys configured"),
     (lambda d: d["extensions"]["tracetape_auth"].update(keys_file="/nonexistent/keys.yaml"),
      "extensions.tracetape_auth.keys_file: cannot read '/nonexistent/keys.yaml'"),
+    (lambda d: d["extensions"]["tracetape_auth"].update(keys_file="/tmp/keys\0.yaml"),
+     "extensions.tracetape_auth.keys_file: cannot read '/tmp/keys\\x00.yaml': the path contains a NUL byte"),
     (lambda d: d["service"]["extensions"].append("tracetape_auth"), "service.extensions: listed more than once"),
 ])
 def test_auth_config_errors_are_precise(tmp_path: Path, mutate: Any, expected: str) -> None:
@@ -550,6 +552,23 @@ def test_replayer_api_keys_file(tmp_path: Path) -> None:
         replayer_service.service_from_args(parser.parse_args(["--api-keys", str(bad)]))
     assert "sha256: expected 64 hex digits" in str(info.value) and KEY_A not in str(info.value)
     assert main(["replayer", "--api-keys", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_keys_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    import subprocess
+
+    good = f"keys: [{{sha256: {auth.hash_key(KEY_A)}, tenant: A}}]\n".encode()
+    (tmp_path / "keys.yaml").write_bytes(good + b"\xff")
+    (tmp_path / "otel-config.yaml").write_text(json.dumps(auth_doc(tmp_path / "data", keys_file="keys.yaml")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETAPE_")}
+    for args, where in ((["collector", "--config", "otel-config.yaml"], "extensions.tracetape_auth.keys_file"),
+                        (["replayer", "--api-keys", "keys.yaml", "--port", "0"], "--api-keys")):
+        done = subprocess.run([sys.executable, "-m", "tracetape.cli", *args], cwd=tmp_path, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=60)
+        assert "Traceback" not in done.stderr and done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"tracetape {args[0]}: {where}: keys.yaml is not UTF-8 text (invalid byte at offset {len(good)})"], done.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_recording_process_masks_its_own_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.collector import collector_config, run, running_collector
 from tracetape import cli
 from tracetape.collector import config as cfg
 from tracetape.collector.config import ConfigError
+from tracetape.collector.service import CollectorService
+from tracetape.errors import CliError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -290,3 +296,74 @@ def test_cli_reports_yaml_errors_and_missing_files(tmp_path: Path, capsys: pytes
     assert '"error"' in out and "line" in out
     assert cli.main(["collector", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def cli_error_line(*args: str, cwd: Path) -> str:
+    """The one line `tracetape ARGS` prints on stderr when it refuses (exit 2, never a traceback)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETAPE_")}
+    done = subprocess.run([sys.executable, "-m", "tracetape.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, errors="replace", timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_cli_reports_a_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(b"receivers:\n  otlp: {}\n# caf\xe9\n\xff\xfe")
+    line = cli_error_line("collector", "--config", "bad.yaml", cwd=tmp_path)
+    assert line == "tracetape collector: config file 'bad.yaml' is not UTF-8 text (invalid byte at offset 27)"
+
+
+def test_grpc_message_limit_must_fit_grpcs_int(tmp_path: Path) -> None:
+    # gRPC takes the limit in bytes as a signed 32-bit int: 2047 MiB is the most that fits
+    doc = minimal(receivers={"otlp": {"protocols": {"grpc": {"max_recv_msg_size_mib": 2048}}}})
+    assert error_of(doc) == "receivers.otlp.protocols.grpc.max_recv_msg_size_mib: must be between 1 and 2047, got 2048"
+    doc = minimal(receivers={"otlp": {"protocols": {"grpc": {"max_recv_msg_size_mib": 0}}}})
+    assert "max_recv_msg_size_mib: must be between 1 and 2047, got 0" in error_of(doc)
+
+    async def scenario() -> None:  # the largest value accepted is one gRPC takes
+        async with running_collector(collector_config(tmp_path / "data", max_grpc_mib=2047)) as service:
+            assert service.addresses["grpc"]
+
+    run(scenario())
+    (tmp_path / "big.yaml").write_text(textwrap.dedent(f"""
+        receivers:
+          otlp:
+            protocols:
+              grpc: {{endpoint: "127.0.0.1:0", max_recv_msg_size_mib: 100000}}
+        exporters:
+          tracetape: {{path: {tmp_path / "data2"}}}
+        service:
+          pipelines:
+            traces: {{receivers: [otlp], exporters: [tracetape]}}
+    """))
+    line = cli_error_line("collector", "--config", "big.yaml", cwd=tmp_path)
+    assert line == ("tracetape collector: receivers.otlp.protocols.grpc.max_recv_msg_size_mib: "
+                    "must be between 1 and 2047, got 100000")
+    assert not (tmp_path / "data2").exists()  # refused before anything started
+
+
+def test_a_store_path_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    assert error_of(minimal(exporters={"tracetape": {"path": "/tmp/a\0b"}})) == (
+        "exporters.tracetape.path: must not contain a NUL byte")
+    (tmp_path / "nul.yaml").write_text(textwrap.dedent("""
+        receivers:
+          otlp:
+            protocols:
+              http: {endpoint: "127.0.0.1:0"}
+        exporters:
+          tracetape: {path: "data\\0x"}
+        service:
+          pipelines:
+            traces: {receivers: [otlp], exporters: [tracetape]}
+    """))
+    line = cli_error_line("collector", "--config", "nul.yaml", cwd=tmp_path)
+    assert line == "tracetape collector: exporters.tracetape.path: must not contain a NUL byte"
+    assert list(tmp_path.iterdir()) == [tmp_path / "nul.yaml"]
+    # a path that reaches the service unchecked (an override) stops it with a CliError, not a ValueError
+    conf = cfg.default_config().with_overrides(data=str(tmp_path / "d\0x"), http_port=0, grpc_port=0)
+    with pytest.raises(CliError) as info:
+        run(CollectorService(conf).start())
+    assert "cannot open the store at" in str(info.value) and "embedded null byte" in str(info.value)

@@ -288,6 +288,48 @@ def test_invalid_id_is_rejected(sink: OtlpSink, agent: Path) -> None:
     assert "agent done" not in done.stdout
 
 
+@pytest.mark.parametrize("via", ["option", "environment"])
+def test_unparseable_endpoint_is_a_one_line_error_without_credentials(agent: Path, via: str) -> None:
+    endpoint = "http://tt-user:hunter2-secret@[::1"  # an unbalanced IPv6 literal: urlsplit raises ValueError
+    args = ["--endpoint", endpoint] if via == "option" else []
+    env = clean_env() if via == "option" else clean_env(TRACETAPE_ENDPOINT=endpoint)
+    done = subprocess.run(
+        [sys.executable, "-m", "tracetape.cli", "run", *args, "--", sys.executable, str(agent)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr and done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "tracetape run: invalid TRACETAPE_ENDPOINT 'http://***@[::1': use an http(s) URL such as http://127.0.0.1:4318"]
+    assert "agent done" not in done.stdout
+    # the same message as any other bad endpoint, credentials masked there too
+    other = subprocess.run(
+        [sys.executable, "-m", "tracetape.cli", "run", "--endpoint", "ftp://tt-user:hunter2-secret@h", "--", "true"],
+        env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2
+    assert other.stderr.strip() == ("tracetape run: invalid TRACETAPE_ENDPOINT 'ftp://***@h': use an http(s) URL such as "
+                                    "http://127.0.0.1:4318")
+
+
+def test_unparseable_endpoint_under_opentelemetry_instrument_only_turns_recording_off(agent: Path) -> None:
+    done = subprocess.run(
+        [OTEL_INSTRUMENT, sys.executable, str(agent)],
+        env=clean_env(TRACETAPE_ENDPOINT="http://tt-user:hunter2-secret@[::1"),
+        cwd=agent.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "agent done" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+    assert "tracetape: invalid TRACETAPE_ENDPOINT 'http://***@[::1'" in done.stderr
+    assert "recording is off" in done.stderr
+
+
 # --- opentelemetry-instrument, no wrapper: the process owns its run ---------------------------------------
 def run_instrumented(sink: OtlpSink, agent: Path, mode: str, run_id: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
