@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from tracetape.instrumentation import runtime
+from tracetape.instrumentation import redaction, runtime
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:4318"
 DEFAULT_TENANT = "default"
@@ -214,11 +214,6 @@ def normalize_endpoint(value: str) -> str:
     except ValueError:  # e.g. `http://[::1`: an unbalanced or invalid IPv6 literal
         valid = False
     if not valid:
-        raise ConfigError(f"invalid {ENV_ENDPOINT} {_without_userinfo(value)!r}: use an http(s) URL such as "
+        raise ConfigError(f"invalid {ENV_ENDPOINT} {redaction.without_userinfo(value)!r}: use an http(s) URL such as "
                           f"{DEFAULT_ENDPOINT}")
     return url
-
-
-def _without_userinfo(url: str) -> str:
-    """`url` for an error message: a `user:password@` before the host becomes `***@` (even when unparseable)."""
-    return re.sub(r"^([^/?#@]*//)?[^/?#]*@", lambda m: f"{m.group(1) or ''}***@", url.strip())

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from tracetape.instrumentation import redaction
+
 DEFAULT_MAX_SPANS = 512
 _SPAN_OVERHEAD = 96  # ids, timestamps, kind, flags, status and framing of one span
 _ATTR_OVERHEAD = 8  # KeyValue + AnyValue framing
@@ -121,7 +123,8 @@ def _without_env(names: Sequence[str]) -> Iterator[None]:
 
 def _warn_stderr(url: str, error: str) -> None:
     print(
-        f"tracetape: collector unreachable at {url} ({error}); spans are dropped, the command still runs",
+        f"tracetape: collector unreachable at {redaction.without_userinfo(url)} ({error}); spans are dropped, "
+        "the command still runs",
         file=sys.stderr,
         flush=True,
     )

@@ -259,6 +259,14 @@ def redact_encoded(body: bytes, encoding: str) -> tuple[bytes, str]:
     return (body, encoding) if redacted is decoded else (redacted, "")
 
 
+def without_userinfo(url: str) -> str:
+    """`url` for a message: a `user:password@` before the host becomes `***@` (even when unparseable)."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url.strip())
+
+
+_USERINFO = re.compile(r"^([^/?#@]*//)?[^/?#]*@")
+
+
 def drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers without credential headers, names lower-cased, values redacted."""
     return [

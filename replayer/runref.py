@@ -20,7 +20,7 @@ def open_store(data: str | None, *, readonly: bool = True) -> Store:
     path = data or default_data_dir()
     try:
         return Store(path, readonly=readonly)
-    except StoreError as err:
+    except (StoreError, OSError) as err:  # OSError: creating a writable store's directory failed
         raise CliError(f"cannot open the store at {path}: {err}") from None
 
 

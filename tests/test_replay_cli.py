@@ -121,6 +121,11 @@ def test_export_import_round_trip_is_byte_exact(recorded: tuple[Path, Standin, l
     finally:
         store_a.close()
         store_c.close()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a store directory cannot be created under a file: one line, no traceback
+    out = cli("import", str(first), "--data", str(blocked / "store"), data=blocked)
+    assert out.returncode != 0 and b"Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert b"cannot open the store" in out.stderr
     jaeger = tmp_path / "a.jaeger.json"
     assert cli("export", "run-a", "--format", "jaeger", "-o", str(jaeger), data=data).returncode == 0
     doc = json.loads(jaeger.read_text())

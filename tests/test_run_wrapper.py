@@ -259,7 +259,7 @@ def test_unreachable_collector_warns_once_and_the_agent_still_runs(agent: Path) 
         port = closed.getsockname()[1]
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "tracetape.cli", "run", "--endpoint", f"http://127.0.0.1:{port}",
+            [sys.executable, "-m", "tracetape.cli", "run", "--endpoint", f"http://tt:hunter2@127.0.0.1:{port}",
              "--", sys.executable, str(agent), "3"],
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -273,6 +273,7 @@ def test_unreachable_collector_warns_once_and_the_agent_still_runs(agent: Path) 
     assert done.returncode == 3
     assert "agent done" in done.stdout
     assert done.stderr.count("collector unreachable") == 1, done.stderr
+    assert "hunter2" not in done.stderr and f"***@127.0.0.1:{port}" in done.stderr  # credentials never printed
     assert elapsed < 10
 
 
