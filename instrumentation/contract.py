@@ -28,7 +28,7 @@ Envelope hash
 `sha256` (hex) of the canonical JSON of the request's envelope (profile `CANON_PROFILE`):
 `{"v":1,"kind":"http","method":M,"path":P,"query":[[k,v],...],"headers":[[k,v],...],"body":B}` with keys
 sorted, no insignificant whitespace, arrays in order; `P` the URL path (secrets masked) with repeated `/`
-collapsed and no trailing `/`; `query` sorted pairs; `headers` only the `SEMANTIC_HEADERS`, lower-case, sorted; `B` the
+collapsed and no trailing `/`; `query` sorted pairs (a credential parameter's value `***`); `headers` only the `SEMANTIC_HEADERS`, lower-case, sorted; `B` the
 parsed JSON body (object keys sorted, numbers as parsed), `null` when empty, or `{"$sha256": hex}` of the
 raw bytes when the body is not JSON. A tool's envelope is `{"v":1,"kind":"tool","name":N,"arguments":A}`.
 Redaction is applied to the body before hashing, so a replayer hashing a live request redacts it first.
@@ -46,7 +46,7 @@ import msgspec
 
 from tracetape.instrumentation import redaction
 
-CANON_PROFILE = "tracetape.envelope/2"
+CANON_PROFILE = "tracetape.envelope/3"
 """Version of the canonicalisation below; recorded on every run and every step."""
 
 # --- attribute names: every span -------------------------------------------------------------------
@@ -191,13 +191,20 @@ def normalize_path(path: str) -> str:
     return path
 
 
+SECRET_PARAM_VALUE = "***"
+"""A credential parameter's value in the envelope (`redaction.is_secret_param`), whatever it was."""
+
+
 def canonical_query(query: str | bytes) -> list[list[str]]:
-    """Query string as sorted `[name, value]` pairs (blank values kept), values redacted."""
+    """Query string as sorted `[name, value]` pairs (blank values kept), values redacted; a credential
+    parameter's value is `SECRET_PARAM_VALUE`."""
     if isinstance(query, bytes):
         query = query.decode("latin-1")
     if not query:
         return []
-    return sorted([k, redaction.redact_text(v)] for k, v in parse_qsl(query, keep_blank_values=True))
+    secret = redaction.is_secret_param
+    return sorted([k, SECRET_PARAM_VALUE if secret(k) else redaction.redact_text(v)]
+                  for k, v in parse_qsl(query, keep_blank_values=True))
 
 
 def canonical_headers(headers: Iterable[tuple[str, str]]) -> list[list[str]]:

@@ -1,7 +1,14 @@
 """Secret removal, applied in the recording process before anything is hashed, exported or stored.
 
 Contract:
-- `drop_secret_headers` removes credential headers entirely (by name, case-insensitive).
+- `drop_secret_headers` removes credential headers entirely, by name (`is_secret_header`): the known ones
+  (`SECRET_HEADERS`) and any whose last word is `key`, `token`, `secret`, `password`, `signature`,
+  `credential(s)` or `auth` (`x-rapidapi-key`, `private-token`, `ocp-apim-subscription-key`), except the
+  few such names that never carry one (`idempotency-key`, `sec-websocket-key`).
+- A query parameter (or any `name=value` in a text) whose name says it is a credential (`is_secret_param`:
+  `key`, `api_key`, `access_token`, `token`, `client_secret`, `password`, `sig`, `x-amz-signature`, …)
+  has its whole value masked, whatever it looks like: in texts by `redact_text`, in the envelope's query by
+  `contract.canonical_query` (as one fixed mask, so the hash never depends on the credential).
 - `redact_body` masks every match of the body patterns with a same-length mask, so byte offsets
   (stream chunk boundaries) and the JSON shape of the body are preserved. A masked key keeps its
   first four characters (`sk-a****…`), enough to tell which key family it was, never enough to use it.
@@ -35,7 +42,36 @@ SECRET_HEADERS: frozenset[str] = frozenset(
         "openai-api-key",
     }
 )
-"""Header names that carry credentials; never stored, hashed or exported."""
+"""Header names that carry credentials; never stored, hashed or exported. Others are by their last word:
+`is_secret_header`."""
+
+_SECRET_HEADER_NAME = re.compile(r"(?:.*[-_])?(?:api[-_]?key|apikey|key|token|secret|password|passwd|signature"
+                                 r"|credentials?|auth)")
+_NOT_SECRET_HEADERS = frozenset({"idempotency-key", "sec-websocket-key", "sec-websocket-accept"})
+_header_verdicts: dict[str, bool] = {}
+
+_SECRET_PARAM_NAMES = (r"(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+                       r"|(?:x[-_])?api[-_]?key|apikey|(?:access|auth|id|refresh|private|session)[-_]?token|token"
+                       r"|key|auth|(?:client[-_]?)?secret|password|passwd|pwd|sig|signature|subscription[-_]?key)")
+_SECRET_PARAM_NAME = re.compile(_SECRET_PARAM_NAMES, re.IGNORECASE)
+_SECRET_PARAM = re.compile(r"(?:(?<![\w.\-])|(?<=--))(" + _SECRET_PARAM_NAMES + r")=([^&#\s\"'<>]+)",
+                           re.IGNORECASE)  # a name on its own (`?key=`, `&sig=`, `--password=`), not `monkey=`
+
+
+def is_secret_header(name: str) -> bool:
+    """Whether a header (its name lower-case) carries a credential (see module doc)."""
+    verdict = _header_verdicts.get(name)
+    if verdict is None:
+        verdict = name in SECRET_HEADERS or (
+            _SECRET_HEADER_NAME.fullmatch(name) is not None and name not in _NOT_SECRET_HEADERS)
+        if len(_header_verdicts) < 4096:  # names repeat; a client sending arbitrary ones costs no memory
+            _header_verdicts[name] = verdict
+    return verdict
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether a query parameter's name says its value is a credential (see module doc)."""
+    return _SECRET_PARAM_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -219,8 +255,18 @@ def redact_body(body: bytes) -> bytes:
 
 
 def redact_text(text: str) -> str:
-    """`text` with every secret masked, same length; the same object when nothing matched (as `redact_body`)."""
-    return _redact(text, [rule.text_scan for rule in _RULES], _mask_text) if text else text
+    """`text` with every secret masked, same length: the rules' shapes, and the value of every `name=value`
+    whose name is a credential's (`is_secret_param`); the same object when nothing matched (as `redact_body`)."""
+    if not text:
+        return text
+    out = _redact(text, [rule.text_scan for rule in _RULES], _mask_text)
+    if "=" in out:
+        out = _SECRET_PARAM.sub(_mask_param, out)
+    return out
+
+
+def _mask_param(m: re.Match[str]) -> str:
+    return f"{m.group(1)}={'*' * len(m.group(2))}"
 
 
 def _redact(value: Any, scans: list[_Scan], mask: Any) -> Any:
@@ -272,5 +318,5 @@ def drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, s
     return [
         (name.lower(), redact_text(value))
         for name, value in headers
-        if name.lower() not in SECRET_HEADERS
+        if not is_secret_header(name.lower())
     ]

@@ -203,11 +203,11 @@ def _inside_anthropic_call_span() -> bool:
 
 def _drop_secret_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """`redaction.drop_secret_headers` with one redaction scan over all values instead of one per header."""
-    secret = redaction.SECRET_HEADERS
+    secret = redaction.is_secret_header
     pairs = []
     for name, value in headers:
         name = name.lower()
-        if name not in secret:
+        if not secret(name):
             pairs.append((name, value))
     joined = "\n".join([v for _, v in pairs])
     if redaction.redact_text(joined) is joined:  # nothing to mask (the common case)

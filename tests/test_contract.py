@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode, urlsplit
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracetape.instrumentation import contract, redaction
 
@@ -92,3 +96,37 @@ def test_request_model_reads_what_the_parsed_body_names() -> None:
     for body in bodies:
         assert contract.request_model(body) == contract.model_of(contract.canonical_body(body)), body[:60]
     assert contract.request_model(bodies[-3]) == "gpt-4o"
+
+
+def test_credentials_are_known_by_their_names() -> None:
+    """Headers and query parameters whose names say they hold a credential are masked whatever the value."""
+    for name in ("authorization", "x-api-key", "x-rapidapi-key", "ocp-apim-subscription-key", "x-subscription-token",
+                 "private-token", "x-auth-token", "x-goog-api-key", "x-csrf-token", "x-client-secret"):
+        assert redaction.is_secret_header(name), name
+    for name in ("idempotency-key", "sec-websocket-key", "x-ratelimit-remaining-tokens", "content-type",
+                 "anthropic-version", "openai-beta", "www-authenticate", "x-request-id", "x-stainless-retry-count"):
+        assert not redaction.is_secret_header(name), name
+    assert redaction.drop_secret_headers([("X-RapidAPI-Key", "0f1e2d3c"), ("Accept", "*/*")]) == [("accept", "*/*")]
+    url = "https://h/v1/x?q=1&api_key=0f1e2d3c4b5a&Access_Token=ya29.abc&page_token=next&monkey=2&sig=a%2Bb"
+    assert redaction.redact_text(url) == (
+        "https://h/v1/x?q=1&api_key=************&Access_Token=********&page_token=next&monkey=2&sig=*****")
+    assert redaction.redact_text("run --password=hunter2 --tokenizer=x") == "run --password=******* --tokenizer=x"
+    assert contract.canonical_query("api_key=abc&q=1&KEY=&page_token=p") == [
+        ["KEY", "***"], ["api_key", "***"], ["page_token", "p"], ["q", "1"]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["key", "api_key", "API-KEY", "access_token", "page_token", "monkey", "q",
+                                           "sig", "x-amz-signature", "token", "tokenizer", "a;key", "key2"]),
+                          st.text(max_size=24)), max_size=6))
+def test_the_stored_url_rebuilds_the_envelope_recording_hashed(pairs: list[tuple[str, str]]) -> None:
+    """The URL is stored redacted (`redact_text`); the replayer rebuilds the recorded envelope from it: the same
+    hash as the envelope recording computed from the URL as sent. No credential parameter's value is stored."""
+    query = urlencode(pairs)
+    sent = contract.http_envelope("GET", "/v1/x", query, [], b"")
+    stored = urlsplit(redaction.redact_text(f"https://h/v1/x?{query}"))
+    rebuilt = contract.http_envelope("GET", stored.path, stored.query, [], b"")
+    assert contract.envelope_hash(rebuilt) == contract.envelope_hash(sent)
+    for name, value in pairs:
+        if redaction.is_secret_param(name) and len(value) >= 6 and value.isalnum() and value.isascii():
+            assert value not in stored.query, (name, value)

@@ -61,9 +61,11 @@ KEYS: dict[str, str] = {
     "rejected": "sk-test-REJECTEDkey4Rt6Yu8Io0Pl2Kmm",  # sent to a server that answers 401 echoing it
     "echo_plain": "sk-test-ECHOplainKEY6Tg8Yh0Uj2Ik4Ol",  # the model repeats it back (identity body)
     "url_query": "sk-test-URLqueryKEY5Bg7Nh9Mj1Ki3Lo",  # ?api_key= of a plain HTTP call
+    "named_header": "9a8b7c6d5e4f30211203f4e5d6c7b8a9bb",  # its X-RapidAPI-Key header: no known shape, by name
     "proxy_auth": "sk-test-PROXYauthKEY1Wd3Fr5Gt7Hy9Ju",  # Authorization / x-api-key sent to the replayer
     "proxy_body": "sk-test-PROXYbodyKEY2Es4Dr6Ft8Gy0Hu",  # in the body of a request that misses
     "proxy_query": "sk-test-PROXYqueryKEY3Rd5Tf7Yg9Uh1J",  # in the query of a request that misses
+    "proxy_named_query": "0f1e2d3c4b5a69788796a5b4c3d2e1f0aa",  # ?access_token= of it: no known shape, by name
 }
 ECHO_GZIP_KEY = "sk-test-ECHOgzipKEY1Qa3Ws5Ed7Rf9Tgg"  # the model repeats it back in a gzip-compressed body
 ARGV_KEY = "sk-test-ARGVcmdKEY8Uj6Hy4Gt2Fr0Dee"  # on the agent's command line
@@ -242,7 +244,8 @@ try:
     bad.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 except openai.AuthenticationError as err:
     out["rejected"] = err.status_code
-httpx.get(f"{STANDIN}/raw/lookup", params={"api_key": K["url_query"], "v": V}).raise_for_status()
+httpx.get(f"{STANDIN}/raw/lookup", params={"api_key": K["url_query"], "v": V},
+          headers={"X-RapidAPI-Key": K["named_header"]}).raise_for_status()
 echo = openai.OpenAI(base_url=ECHO + "/v1", max_retries=0)
 e = echo.chat.completions.create(model="gpt-4o-mini", messages=[
     {"role": "user", "content": f"({V}) repeat after me: {K['echo_plain']}"}])
@@ -336,7 +339,8 @@ def _replayer_traffic(world: World) -> None:
     changed = json.dumps(other).encode()
     cases += [
         ("miss-body", "POST", f"{base}/chat/completions", changed, {**sent, **creds}),
-        ("miss-query", "POST", f"{base}/chat/completions?api_key={KEYS['proxy_query']}&key={KEYS['proxy_query']}",
+        ("miss-query", "POST", f"{base}/chat/completions?api_key={KEYS['proxy_query']}&key={KEYS['proxy_query']}"
+         f"&access_token={KEYS['proxy_named_query']}",
          first.body, {**sent, **creds}),
         ("miss-new-route", "POST", f"{base}/embeddings", changed, {**sent, **creds}),
         ("miss-not-json", "POST", f"{base}/chat/completions",
@@ -471,7 +475,7 @@ def _store_values(world: World) -> list[tuple[str, bytes]]:
 def test_the_secrets_really_were_sent(world: World) -> None:
     ex = world.standin.exchanges
     sent = b"".join(e.body + json.dumps(e.headers).encode() + e.query.encode() for e in ex)
-    for name in ("openai_env", "anthropic_env", "prompt", "url_query"):
+    for name in ("openai_env", "anthropic_env", "prompt", "url_query", "named_header"):
         assert KEYS[name].encode() in sent, name
     assert json.loads(world.runs["sec-1"].stdout)["rejected"] == 401
     store = Store(world.data, readonly=True)
