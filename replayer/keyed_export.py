@@ -28,7 +28,7 @@ RunKey = tuple[str, str, str]
 
 
 class KeyedExporter(SpanExporter):
-    """Routes spans to per-key exporters by their `tracetape.run.id` (see module doc)."""
+    """Routes spans to per-key exporters by their replay run (see module doc)."""
 
     def __init__(self, make_exporter: MakeExporter) -> None:
         self._make = make_exporter

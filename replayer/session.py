@@ -16,6 +16,9 @@ Contract:
   run exists elsewhere); `tenant` naming another tenant is 403 too. Without a principal (no keys
   configured), the run is found in any tenant and read through its tenant's `TenantStore`.
   `owner` is the creating principal's tenant (None without keys): only it may read or delete the session.
+- `replay_run_id` names the run the replay is recorded as (generated when absent): never one already
+  recorded in the run's tenant and scope (409 `replay_run_exists`), nor one another session holds
+  (`SessionManager`, 409 `replay_run_in_use`).
 - `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond); ids are
   random 128-bit hex.
 - Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
