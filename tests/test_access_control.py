@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import secrets
 import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,20 +257,10 @@ def test_replay_is_limited_to_the_keys_tenant(tmp_path: Path, caplog: pytest.Log
     bodies: list[bytes] = []
 
     async def scenario() -> None:
-        config = cfg.parse(auth_doc(tmp_path / "data"))
-        async with running_collector(config) as svc:
-            url = http_url(svc)
-            for run_id, key in (("run-a", KEY_A), ("run-b", KEY_B), ("run-twin", KEY_B), ("run-twin", KEY_A)):
-                status, _, _ = await post(url, agent_request(run_id, tenant="x").SerializeToString(),
-                                          {**PB, "x-api-key": key})
-                assert status == 200
-            replayer = ReplayerService(store=svc.store, port=0, authenticator=config.authenticator,
-                                       collector=url.rsplit("/v1/traces", 1)[0])
-            await replayer.start()
-            try:
-                await replay_checks(replayer.url, svc, bodies)
-            finally:
-                await replayer.stop()
+        runs = (("run-a", KEY_A), ("run-b", KEY_B), ("run-twin", KEY_B), ("run-twin", KEY_A))
+        async with keyed_collector_and_replayer(tmp_path / "data", runs) as (svc, replayer):
+            await replay_checks(replayer.url, svc, bodies)
+            await replayer.stop()
             for table, key, value in svc.store.dump():
                 assert_no_key_in(key + value, f"the store ({table})")
 
@@ -276,6 +268,27 @@ def test_replay_is_limited_to_the_keys_tenant(tmp_path: Path, caplog: pytest.Log
     for body in bodies:
         assert_no_key_in(body, "a response body")
     assert_no_key_in(caplog.text, "the logs")
+
+
+@contextlib.asynccontextmanager
+async def keyed_collector_and_replayer(
+        data: Path, runs: Sequence[tuple[str, str]]) -> AsyncIterator[tuple[CollectorService, ReplayerService]]:
+    """A collector requiring keys with each `(run id, key)` of `runs` recorded through it, and a replayer on its
+    store exporting replays to it (stopped on exit, if the caller has not stopped it)."""
+    config = cfg.parse(auth_doc(data))
+    async with running_collector(config) as svc:
+        url = http_url(svc)
+        for run_id, key in runs:
+            status, _, _ = await post(url, agent_request(run_id, tenant="x").SerializeToString(),
+                                      {**PB, "x-api-key": key})
+            assert status == 200
+        replayer = ReplayerService(store=svc.store, port=0, authenticator=config.authenticator,
+                                   collector=url.rsplit("/v1/traces", 1)[0])
+        await replayer.start()
+        try:
+            yield svc, replayer
+        finally:
+            await replayer.stop()
 
 
 async def replay_checks(base: str, svc: CollectorService, bodies: list[bytes]) -> None:
@@ -342,33 +355,23 @@ def test_two_tenants_replays_under_one_replay_run_id_stay_apart(tmp_path: Path) 
     under its own tenant (spans are routed to keys by tenant, scope and run id, not by run id alone)."""
 
     async def scenario() -> None:
-        config = cfg.parse(auth_doc(tmp_path / "data"))
-        async with running_collector(config) as svc:
-            url = http_url(svc)
-            for run_id, key in (("run-a", KEY_A), ("run-b", KEY_B)):
-                status, _, _ = await post(url, agent_request(run_id, tenant="x").SerializeToString(),
-                                          {**PB, "x-api-key": key})
-                assert status == 200
-            replayer = ReplayerService(store=svc.store, port=0, authenticator=config.authenticator,
-                                       collector=url.rsplit("/v1/traces", 1)[0])
-            await replayer.start()
+        async with keyed_collector_and_replayer(tmp_path / "data", (("run-a", KEY_A), ("run-b", KEY_B))) as (
+                svc, replayer):
             sessions = f"{replayer.url}/v1/replay/sessions"
-            try:
-                async with aiohttp.ClientSession() as http:
-                    opened = {}
-                    for key, run_id in ((KEY_A, "run-a"), (KEY_B, "run-b")):
-                        status, opened[key] = await api(http, "POST", sessions, key,
-                                                        {"run_id": run_id, "replay_run_id": "nightly-replay"})
-                        assert status == 201, opened[key]
-                    proxy = f"{opened[KEY_A]['base_urls']['openai']}/chat/completions"
-                    async with http.post(proxy, data=chat_request("question 1"),
-                                         headers={"content-type": "application/json"}) as resp:
-                        assert resp.status == 200 and await resp.read() == RESPONSE
-                    for key in (KEY_A, KEY_B):  # A's run ends first: B's key binding must outlive it
-                        status, _ = await api(http, "DELETE", f"{sessions}/{opened[key]['session_id']}", key)
-                        assert status == 200
-            finally:
-                await replayer.stop()
+            async with aiohttp.ClientSession() as http:
+                opened = {}
+                for key, run_id in ((KEY_A, "run-a"), (KEY_B, "run-b")):
+                    status, opened[key] = await api(http, "POST", sessions, key,
+                                                    {"run_id": run_id, "replay_run_id": "nightly-replay"})
+                    assert status == 201, opened[key]
+                proxy = f"{opened[KEY_A]['base_urls']['openai']}/chat/completions"
+                async with http.post(proxy, data=chat_request("question 1"),
+                                     headers={"content-type": "application/json"}) as resp:
+                    assert resp.status == 200 and await resp.read() == RESPONSE
+                for key in (KEY_A, KEY_B):  # A's run ends first: B's key binding must outlive it
+                    status, _ = await api(http, "DELETE", f"{sessions}/{opened[key]['session_id']}", key)
+                    assert status == 200
+            await replayer.stop()
             for tenant, original, steps in (("A", "run-a", 1), ("B", "run-b", 0)):
                 replay = svc.store.run(tenant, "prod", "nightly-replay")
                 assert replay is not None and replay.replay_of == original, (tenant, replay)
