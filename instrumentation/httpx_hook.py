@@ -110,6 +110,17 @@ def _wrap_response(attempt: HttpAttempt, response: Any, module: ModuleType) -> N
         attempt.finish(contract.END_CLOSED)
 
 
+_NOT_READ = (AssertionError, TypeError)
+"""What `Request.read()`/`aread()` raise, before iterating anything, for a stream of the other kind."""
+
+
+def _fail(request: Any, exc: BaseException) -> None:
+    """Record an attempt whose request body could not be read (it never went out whole)."""
+    attempt = _start(request)
+    if attempt is not None:
+        attempt.failed(exc)
+
+
 def _sync_wrapper(original: Any, module: ModuleType) -> Any:
     @functools.wraps(original)
     def handle_request(self: Any, request: Any) -> Any:
@@ -118,8 +129,11 @@ def _sync_wrapper(original: Any, module: ModuleType) -> Any:
             return original(self, request)
         try:
             request.read()
-        except Exception:
+        except _NOT_READ:  # a stream of the other kind (async in a sync client): httpx says so itself
             pass
+        except Exception as exc:  # the body's own iterator failed: as without recording, the caller gets it
+            _fail(request, exc)
+            raise
         attempt = _start(request)
         if attempt is None:
             return original(self, request)
@@ -142,8 +156,11 @@ def _async_wrapper(original: Any, module: ModuleType) -> Any:
             return await original(self, request)
         try:
             await request.aread()
-        except Exception:
+        except _NOT_READ:
             pass
+        except Exception as exc:
+            _fail(request, exc)
+            raise
         attempt = _start(request)
         if attempt is None:
             return await original(self, request)

@@ -484,7 +484,7 @@ def _start(
         contract.STEP_ATTEMPT: retry,
         contract.ENVELOPE_PROFILE: contract.CANON_PROFILE,
         contract.REQUEST_METHOD: method,
-        contract.REQUEST_URL: redaction.redact_text(url),
+        contract.REQUEST_URL: redaction.redact_text(redaction.without_userinfo(url)),
         contract.REQUEST_HEADERS: contract.encode_headers(kept),
     }
     model = None

@@ -190,7 +190,7 @@ class SessionRecorder:
             contract.STEP_STARTED_NS: step_started, contract.STEP_INDEX: index, contract.STEP_KIND: kind,
             contract.STEP_ATTEMPT: attempt_no, contract.ENVELOPE_HASH: envelope_hash,
             contract.ENVELOPE_PROFILE: contract.CANON_PROFILE, contract.REQUEST_METHOD: method.upper(),
-            contract.REQUEST_URL: redaction.redact_text(url), contract.REQUEST_HEADERS: contract.encode_headers(kept),
+            contract.REQUEST_URL: redaction.redact_text(redaction.without_userinfo(url)), contract.REQUEST_HEADERS: contract.encode_headers(kept),
             contract.REQUEST_BODY: body, contract.STREAM_END_REASON: outcome.end_reason,
             "tracetape.replay.source": served_from,
         }

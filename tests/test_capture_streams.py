@@ -515,3 +515,48 @@ def test_aiohttp_lifecycle(recorder: Recorder, standin: Standin) -> None:
     check(spans[2], exchanges[2], contract.END_DROPPED, b"")
     assert check(spans[3], exchanges[3], contract.END_ERROR, partial) == exchanges[3].response_body
     assert spans[3].attributes[contract.ERROR_TYPE] == "aiohttp.client_exceptions.ClientPayloadError"
+
+
+def test_a_request_body_whose_iterator_fails_raises_what_it_raises_unrecorded(
+        recorder: Recorder, standin: Standin) -> None:
+    """httpx sends a generator body as it iterates it; tracetape reads it first (to record it). When the
+    generator raises, the caller gets that exception, as without tracetape, not httpx's `StreamConsumed`
+    from a second iteration; the attempt is recorded as failed."""
+    import httpx
+
+    def body() -> Iterator[bytes]:
+        yield b"part-1;"
+        raise ValueError("disk read failed")
+
+    async def abody() -> Any:
+        yield b"part-1;"
+        raise ValueError("disk read failed")
+
+    with pytest.raises(ValueError, match="disk read failed"):
+        httpx.post(f"{standin.url}/upload", content=body())
+
+    async def send() -> None:
+        async with httpx.AsyncClient() as client:
+            await client.post(f"{standin.url}/upload", content=abody())
+
+    with pytest.raises(ValueError, match="disk read failed"):
+        asyncio.run(send())
+    steps = recorder.steps()
+    assert len(steps) == 2
+    for step in steps:
+        assert step.attributes[contract.STREAM_END_REASON] == contract.END_ERROR
+        assert step.attributes[contract.ERROR_TYPE] == "ValueError"
+
+
+def test_a_password_in_the_url_is_never_recorded(recorder: Recorder, standin: Standin) -> None:
+    import httpx
+    import requests
+
+    url = f"http://alice:hunter2-supersecretpw@{standin.hostport}/echo"
+    httpx.get(url)
+    requests.get(url)
+    steps = recorder.steps()
+    assert len(steps) == 2
+    for step in steps:
+        assert step.attributes[contract.REQUEST_URL] == f"http://***@{standin.hostport}/echo"
+        assert "hunter2" not in repr(dict(step.attributes))
