@@ -50,6 +50,9 @@ SOURCE_CONTEXT = "context"
 SOURCE_MCP = "mcp"
 CALL_ID_KWARGS = ("tool_call_id", "call_id")
 OPERATION_EXECUTE_TOOL = "execute_tool"
+AWAITABLE_FROM_SYNC = ("result: the tool is not an async function but returned an awaitable (an async function "
+                       "behind a sync wrapper, or an async __call__); a replay could not return one: decorate the "
+                       "async function itself")
 
 
 class _NotReplayed:
@@ -193,9 +196,30 @@ class _Step:
         self.span.set_attribute(contract.RECORDING_ERROR, reason)
         self.span.end()
 
+    def when_awaited(self, awaitable: Awaitable[Any]) -> Awaitable[Any]:
+        """For a tool that looked synchronous but returned an awaitable: the awaitable the caller gets, whose
+        result (or exception) ends this step when awaited, the span current meanwhile. Replaying such a call
+        could not hand back an awaitable, so the step says the run is not replayable."""
+        self._detach()
+        self.span.set_attribute(contract.RECORDING_ERROR, AWAITABLE_FROM_SYNC)
+        return self._await(awaitable)
+
+    async def _await(self, awaitable: Awaitable[Any]) -> Any:
+        self._token = context_api.attach(trace.set_span_in_context(self.span))
+        try:
+            result = await awaitable
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        self.succeed(result)
+        return result
+
     def fail(self, exc: BaseException) -> None:
         self._detach()
-        message = redaction.redact_text(str(exc))
+        try:
+            message = redaction.redact_text(str(exc))
+        except Exception:  # noqa: BLE001 - an exception whose __str__ fails: the tool's own exception still wins
+            message = ""
         self.span.set_attributes({contract.ERROR_TYPE: _error_type(exc), contract.ERROR_MESSAGE: message})
         self.span.set_status(Status(StatusCode.ERROR, message or _error_type(exc)))
         self.span.end()
@@ -403,6 +427,8 @@ def tool(
             except BaseException as exc:
                 step.fail(exc)
                 raise
+            if inspect.isawaitable(result):  # an async function behind a sync wrapper, or an async __call__
+                return step.when_awaited(result)
             step.succeed(result)
             return result
 

@@ -378,3 +378,56 @@ def test_replay_answers_from_the_tape_without_running_the_tool(spans: Spans) -> 
     assert by_name["execute_tool explode"][0].attributes[contract.ERROR_TYPE] == "ValueError"
     assert by_name["execute_tool send"][0].attributes[contract.TOOL_RESULT] == b'"sent live to ops"'
     assert by_name["execute_tool search"][0].attributes[contract.TOOL_RESULT] == b'["a"]'
+
+
+def test_an_async_tool_behind_a_sync_wrapper_is_recorded_when_awaited(spans: Spans) -> None:
+    """`@tool` over a callable that is not an async function yet returns an awaitable (a plain decorator around
+    an async function, an object with `async def __call__`): the result recorded is the awaited one, the span
+    covers the await (and is current meanwhile), and the step says a replay could not return an awaitable."""
+    import functools
+
+    def logged(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: object) -> object:
+            return fn(*args)
+        return wrapper
+
+    @tracetape.tool
+    @logged
+    async def lookup(city: str) -> dict:
+        with runtime.tracer().start_as_current_span("inner work"):
+            await asyncio.sleep(0.01)
+        return {"city": city}
+
+    class Search:
+        async def __call__(self, q: str) -> list:
+            return [q]
+
+    search = tracetape.tool(Search(), name="search")
+
+    async def main() -> tuple[object, object]:
+        return await lookup("Paris"), await search("x")
+
+    assert asyncio.run(main()) == ({"city": "Paris"}, ["x"])
+    by_name = {s.name: s for s in spans()}
+    tool_span, inner = by_name["execute_tool lookup"], by_name["inner work"]
+    assert json.loads(tool_span.attributes[contract.TOOL_RESULT]) == {"city": "Paris"}
+    assert inner.parent is not None and inner.parent.span_id == tool_span.context.span_id
+    assert json.loads(by_name["execute_tool search"].attributes[contract.TOOL_RESULT]) == ["x"]
+    for name in ("execute_tool lookup", "execute_tool search"):
+        assert "returned an awaitable" in by_name[name].attributes[contract.RECORDING_ERROR]
+
+
+def test_an_exception_whose_str_fails_still_reaches_the_caller(spans: Spans) -> None:
+    class Odd(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    @tracetape.tool
+    def t(x: int) -> None:
+        raise Odd(x)
+
+    with pytest.raises(Odd):
+        t(1)
+    (step,) = spans()
+    assert step.attributes[contract.ERROR_TYPE].endswith("Odd") and step.status.status_code is StatusCode.ERROR
