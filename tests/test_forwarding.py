@@ -6,6 +6,7 @@ The "Jaeger" here is `tests.support.jaeger_sink.JaegerSink`, a real OTLP server 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import gzip
 import hashlib
@@ -229,6 +230,44 @@ def test_a_span_cannot_claim_another_tenant_to_get_its_payloads_forwarded(tmp_pa
         requests, _ = build_requests(stored, cfg.ForwardRoute(exporter, cfg.SlimProcessor(max_attribute_bytes=4096)),
                                      store)
         assert span_count(requests[0]) == 3 and b"B-CONFIDENTIAL" not in requests[0].SerializeToString()
+    finally:
+        store.close()
+
+
+def test_an_import_stores_what_ingest_prepared_not_a_line_that_says_otherwise(tmp_path: Path) -> None:
+    """`tracetape import` keeps an exported span's bytes only when they are the span ingest prepares from them
+    (attributes in any order): a line claiming another tenant, or carrying two spans, is stored as ingest
+    stamped it, and an honest export round-trips byte for byte."""
+    from tracetape.replayer import transfer
+
+    store = Store(tmp_path / "db", map_size=16 << 20)
+    try:
+        agent = Agent(run_id="run-honest", tenant="default", scope="default")
+        agent.model_step(0, body=b'{"model": "m", "messages": []}', response=b'{"id": "r0"}')
+        agent.run_span()
+        store.apply([ingest.prepare(agent.request(), store)])
+        agent.shutdown()
+        honest = [value for table, _, value in store.dump() if table == "spans"]
+        run = store.run("default", "default", "run-honest")
+        exported = transfer.export_jsonl(run, *transfer.run_spans(store, run))
+        other = Store(tmp_path / "other", map_size=16 << 20)
+        try:
+            assert transfer.import_bytes(other, exported)["accepted"] == len(honest)
+            assert sorted(v for t, _, v in other.dump() if t == "spans") == sorted(honest)
+            claim = ResourceSpans()
+            span = claim.scope_spans.add().spans.add(trace_id=b"\x02" * 16, span_id=b"\x03" * 8, name="evil",
+                                                     start_time_unix_nano=1, end_time_unix_nano=2)
+            for key, value in ((c.TENANT, "victim"), (c.RUN_ID, "evil"), (c.TENANT, "mallory")):
+                span.attributes.add(key=key).value.string_value = value
+            line = json.dumps({"type": "span", "span": base64.b64encode(claim.SerializeToString()).decode()})
+            head = json.dumps({"type": "tracetape.export", "version": 1, "run": {}})
+            assert transfer.import_bytes(other, f"{head}\n{line}\n".encode())["accepted"] == 1
+            (stored,) = [v for t, k, v in other.dump() if t == "spans" and k.startswith(b"mallory\0")]
+            tenants = [kv.value.string_value for kv in ResourceSpans.FromString(stored).scope_spans[0].spans[0].attributes
+                       if kv.key == c.TENANT]
+            assert tenants == ["mallory", "mallory"]
+        finally:
+            other.close()
     finally:
         store.close()
 
