@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import msgspec
@@ -205,7 +205,8 @@ class Store:
                     txn.put(b"schema", SCHEMA_VERSION, db=meta)
                 elif version != SCHEMA_VERSION:
                     raise StoreError(f"store schema {version!r} is not {SCHEMA_VERSION!r}")
-        self._outbox_seq = self._last_outbox_seq()
+        with self._read() as txn:
+            self._outbox_seq = _last_outbox_seq(txn, self._dbs["outbox"])
 
     # ----------------------------------------------------------------------------------------------
     # transactions
@@ -292,6 +293,8 @@ class Store:
         `outbox=False` (nothing is forwarded) writes no outbox entries, whatever the spans' `forward` says."""
 
         def body(txn: lmdb.Transaction) -> list[BatchResult]:
+            if outbox:  # another process (an import, a second collector) may have queued entries since
+                self._outbox_seq = max(self._outbox_seq, _last_outbox_seq(txn, self._dbs["outbox"]))
             runs: dict[bytes, RunRecord] = {}  # each touched run read and written once per commit
             results = [self._apply_batch(txn, b, runs, outbox) for b in batches]
             for key, run in runs.items():
@@ -383,11 +386,6 @@ class Store:
 
     # ----------------------------------------------------------------------------------------------
     # outbox (forwarding queue)
-
-    def _last_outbox_seq(self) -> int:
-        with self._read() as txn:
-            cur = txn.cursor(db=self._dbs["outbox"])
-            return keys.outbox_seq(cur.key()) if cur.last() else 0
 
     def outbox_read(self, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` oldest outbox entries: (seq, stored span)."""
@@ -611,3 +609,9 @@ def _apply_run_event(run: RunRecord, ev: RunEvent) -> None:
         run.status = records.outcome_to_status(ev.outcome)
         run.exit_code = ev.exit_code
         run.ended_ns = ev.ended_ns
+
+
+def _last_outbox_seq(txn: lmdb.Transaction, db: Any) -> int:
+    """The sequence number of the newest outbox entry (0 when there is none)."""
+    cur = txn.cursor(db=db)
+    return keys.outbox_seq(cur.key()) if cur.last() else 0

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -401,3 +402,38 @@ def test_the_key_layout_lets_find_run_seek_from_one_tenant_and_scope_to_the_next
         for t, s, run in keys_in:
             key = keys.run_key(t, s, run)
             assert (low <= key < high) == ((t, s) == (tenant, scope)), (tenant, scope, key)
+
+
+def _queue_spans(path: str, run_id: str, out: "multiprocessing.Queue[int]") -> None:
+    other = Store(path)
+    agent = Agent(run_id=run_id)
+    agent.step("00000000000000aa", 5_000, b'{"q": "other"}', b"{}")
+    agent.run_span()
+    _write(other, agent.request())
+    other.close()
+    out.put(1)
+
+
+def test_two_processes_writing_one_store_never_overwrite_each_others_outbox_entries(tmp_path: Path) -> None:
+    """Each write transaction numbers its outbox entries after the newest one in the store, not after the last
+    one this process wrote: a `tracetape import` into a running collector's store loses no span to forward."""
+    store = Store(tmp_path / "db")
+    try:
+        for run_id in ("run-1", "other", "run-2"):
+            if run_id == "other":  # another process writes between this one's transactions
+                q: multiprocessing.Queue[int] = multiprocessing.get_context("spawn").Queue()
+                proc = multiprocessing.get_context("spawn").Process(
+                    target=_queue_spans, args=(str(tmp_path / "db"), run_id, q))
+                proc.start()
+                assert q.get(timeout=30) == 1
+                proc.join(30)
+                continue
+            agent = Agent(run_id=run_id)
+            agent.step("00000000000000bb", 6_000, f'{{"q": "{run_id}"}}'.encode(), b"{}")
+            agent.run_span()
+            _write(store, agent.request())
+        queued = [ResourceSpans.FromString(raw).scope_spans[0].spans[0] for _, raw in store.outbox_read(100)]
+        runs = sorted({next(kv.value.string_value for kv in s.attributes if kv.key == c.RUN_ID) for s in queued})
+        assert len(queued) == 6 and runs == ["other", "run-1", "run-2"]
+    finally:
+        store.close()
