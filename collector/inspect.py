@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from tracetape.collector import records
+from tracetape.collector import keys, records
 from tracetape.collector.config import DEFAULT_STORE_PATH
 from tracetape.collector.records import RunRecord, StepRecord
 from tracetape.collector.store import Store, StoreError
@@ -55,8 +55,23 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
+def checked_where(tenant: str | None, scope: str | None) -> None:
+    """CliError unless `--tenant`/`--scope`, when given, are ids a store can hold."""
+    for value, what in ((tenant, "tenant"), (scope, "scope")):
+        if value is not None:
+            try:
+                keys.check_id(value, what)
+            except keys.InvalidId as err:
+                raise CliError(str(err)) from None
+
+
 def find_one_run(store: Store, run_id: str, tenant: str | None, scope: str | None) -> RunRecord:
     """The run with this id; CliError when there is none or the id is ambiguous across tenants/scopes."""
+    checked_where(tenant, scope)
+    try:
+        keys.check_id(run_id, "run id")
+    except keys.InvalidId:  # no such id can be stored (e.g. bytes that are not UTF-8 on the command line)
+        raise CliError(f"no run {run_id!r} in {store.path}") from None
     found = store.find_run(run_id, tenant, scope)
     if scope is not None and tenant is None:
         found = [r for r in found if r.scope == scope]
@@ -98,6 +113,7 @@ def _verdict_text(run: RunRecord) -> str:
 
 
 def run_runs(args: argparse.Namespace) -> int:
+    checked_where(args.tenant, args.scope)
     store = open_store_readonly(args.data)
     try:
         runs = store.runs(args.tenant, args.scope if args.tenant else None)[: max(args.limit, 0)]
@@ -157,8 +173,9 @@ def step_row(index: int, step: StepRecord) -> dict[str, Any]:
 def run_show(args: argparse.Namespace) -> int:
     store = open_store_readonly(args.data)
     try:
-        run = find_one_run(store, args.run_id, args.tenant, args.scope)
-        steps = store.steps(run.tenant, run.scope, run.run_id)
+        found = find_one_run(store, args.run_id, args.tenant, args.scope)
+        run, steps = store.run_and_steps(found.tenant, found.scope, found.run_id)  # as of one moment
+        run = run or found
     finally:
         store.close()
     timeline = [step_row(i, s) for i, s in enumerate(steps)]

@@ -103,6 +103,7 @@ class RunEvent(msgspec.Struct):
     replay_mode: str = ""
     replay_forced: bool = False
     lineage_depth: int = 0
+    recording_error: str = ""  # the run could not be recorded (e.g. `python -I` kept the recorder out)
 
 
 class SpanWrite(msgspec.Struct):
@@ -479,15 +480,34 @@ class Store:
 
     def steps(self, tenant: str, scope: str, run_id: str) -> list[StepRecord]:
         """A run's steps in issue order (index = position)."""
-        prefix = keys.step_prefix(tenant, scope, run_id)
-        out: list[StepRecord] = []
         with self._read() as txn:
-            cur = txn.cursor(db=self._dbs["steps"])
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out.append(records.decode_step(value))
+            values = self._under(txn, "steps", keys.step_prefix(tenant, scope, run_id))
+        return [records.decode_step(v) for v in values]
+
+    def run_and_steps(self, tenant: str, scope: str, run_id: str) -> tuple[RunRecord | None, list[StepRecord]]:
+        """A run's record and its steps as of one moment (one read transaction: a commit in between is seen
+        whole or not at all, so the record's counts agree with the steps)."""
+        with self._read() as txn:
+            raw = txn.get(keys.run_key(tenant, scope, run_id), db=self._dbs["runs"])
+            values = self._under(txn, "steps", keys.step_prefix(tenant, scope, run_id))
+        return (None if raw is None else records.decode_run(raw)), [records.decode_step(v) for v in values]
+
+    def run_and_spans(self, tenant: str, scope: str, run_id: str) -> tuple[RunRecord | None, list[bytes]]:
+        """A run's record and its stored spans as of one moment (see `run_and_steps`)."""
+        with self._read() as txn:
+            raw = txn.get(keys.run_key(tenant, scope, run_id), db=self._dbs["runs"])
+            spans = self._under(txn, "spans", keys.span_prefix(tenant, scope, run_id))
+        return (None if raw is None else records.decode_run(raw)), spans
+
+    def _under(self, txn: lmdb.Transaction, table: str, prefix: bytes) -> list[bytes]:
+        """The values of `table` whose keys start with `prefix`, in key order."""
+        out: list[bytes] = []
+        cur = txn.cursor(db=self._dbs[table])
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                out.append(value)
         return out
 
     def envelope_occurrence(
@@ -526,16 +546,8 @@ class Store:
 
     def spans(self, tenant: str, scope: str, run_id: str) -> list[bytes]:
         """A run's stored spans (ResourceSpans protobuf each, payloads as refs)."""
-        prefix = keys.span_prefix(tenant, scope, run_id)
-        out: list[bytes] = []
         with self._read() as txn:
-            cur = txn.cursor(db=self._dbs["spans"])
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out.append(value)
-        return out
+            return self._under(txn, "spans", keys.span_prefix(tenant, scope, run_id))
 
     def get(self, table: str, key: bytes) -> bytes | None:
         """The stored value under `key` in `table` (blobs in their stored form), or None."""
@@ -605,6 +617,8 @@ def _apply_run_event(run: RunRecord, ev: RunEvent) -> None:
         run.replay_forced = True
     if ev.lineage_depth:
         run.lineage_depth = ev.lineage_depth
+    if ev.recording_error:  # counted once: a span already stored is a duplicate and never applied again
+        run.recording_errors += 1
     if ev.kind == "end":
         run.status = records.outcome_to_status(ev.outcome)
         run.exit_code = ev.exit_code

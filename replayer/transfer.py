@@ -56,9 +56,11 @@ def _refs(span: Any) -> dict[str, str]:
     return out
 
 
-def run_spans(store: Store, run: records.RunRecord) -> tuple[list[bytes], dict[str, bytes]]:
-    """The run's stored spans and the payloads they reference (digest hex → bytes)."""
-    spans = store.spans(run.tenant, run.scope, run.run_id)
+def run_spans(store: Store, run: records.RunRecord) -> tuple[records.RunRecord, list[bytes], dict[str, bytes]]:
+    """The run's record and stored spans as of one moment, and the payloads they reference (digest hex →
+    bytes; blobs never change)."""
+    latest, spans = store.run_and_spans(run.tenant, run.scope, run.run_id)
+    run = latest or run
     blobs: dict[str, bytes] = {}
     for raw in spans:
         rs = ResourceSpans.FromString(raw)
@@ -70,7 +72,7 @@ def run_spans(store: Store, run: records.RunRecord) -> tuple[list[bytes], dict[s
                         if data is None:
                             raise CliError(f"payload {digest[:16]} of run {run.run_id} is missing from the store")
                         blobs[digest] = data
-    return spans, blobs
+    return run, spans, blobs
 
 
 def inline(raw: bytes, blobs: dict[str, bytes]) -> ResourceSpans:
@@ -180,7 +182,7 @@ def run_export(args: argparse.Namespace) -> int:
     store = open_store(args.data)
     try:
         run = resolve_run(store, args.run_id, args.tenant, args.scope)
-        spans, blobs = run_spans(store, run)
+        run, spans, blobs = run_spans(store, run)
     finally:
         store.close()
     if args.format == "jsonl":
@@ -193,8 +195,11 @@ def run_export(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        with open(args.output, "wb") as fh:
-            fh.write(data)
+        try:
+            with open(args.output, "wb") as fh:
+                fh.write(data)
+        except OSError as err:
+            raise CliError(f"cannot write {args.output}: {err.strerror or err}") from None
     return 0
 
 

@@ -249,7 +249,7 @@ def test_an_import_stores_what_ingest_prepared_not_a_line_that_says_otherwise(tm
         agent.shutdown()
         honest = [value for table, _, value in store.dump() if table == "spans"]
         run = store.run("default", "default", "run-honest")
-        exported = transfer.export_jsonl(run, *transfer.run_spans(store, run))
+        exported = transfer.export_jsonl(*transfer.run_spans(store, run))
         other = Store(tmp_path / "other", map_size=16 << 20)
         try:
             assert transfer.import_bytes(other, exported)["accepted"] == len(honest)

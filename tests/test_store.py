@@ -437,3 +437,40 @@ def test_two_processes_writing_one_store_never_overwrite_each_others_outbox_entr
         assert len(queued) == 6 and runs == ["other", "run-1", "run-2"]
     finally:
         store.close()
+
+
+def _grow_run(path: str, steps: int, started: "multiprocessing.Event") -> None:
+    writer = Store(path)
+    agent = Agent()
+    for i in range(steps):  # one commit per step
+        agent.step(f"{i + 1:016x}", 10_000 + i, f'{{"q": {i}}}'.encode(), b"{}")
+        _write(writer, agent.request())
+        started.set()
+    writer.close()
+
+
+def test_show_and_export_read_a_growing_run_as_of_one_moment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While another process commits a run one step at a time, `show --json` and `export` never mix two
+    commits: the run record's step count always equals the steps (or spans) listed with it."""
+    from tracetape.cli import main
+
+    path = tmp_path / "db"
+    Store(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_grow_run, args=(str(path), 1500, started))
+    proc.start()
+    try:
+        assert started.wait(30)
+        checked = 0
+        while proc.is_alive() or checked < 5:
+            assert main(["show", RUN, "--data", str(path), "--json", "--tenant", "acme", "--scope", "prod"]) == 0
+            shown = json.loads(capsys.readouterr().out)
+            assert shown["run"]["step_count"] == len(shown["steps"])
+            assert main(["export", RUN, "--data", str(path), "--tenant", "acme", "--scope", "prod"]) == 0
+            lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            assert lines[0]["run"]["span_count"] == sum(1 for line in lines if line["type"] == "span")
+            checked += 1
+    finally:
+        proc.join(60)
+    assert checked >= 5
