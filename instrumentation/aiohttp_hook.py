@@ -13,9 +13,18 @@ request bytes and spans redirects. So `instrument()` patches, at class level:
 The attempt ends exactly once: `exhausted` (a read reaches EOF), `error` (a read raises; cancellation
 excepted), `closed`, or `dropped` (the response is garbage-collected first: `weakref.finalize`).
 
-aiohttp decompresses before the application can read (`auto_decompress`, on by default); the recorded body is
-then identity-encoded and `RESPONSE_CONTENT_ENCODING` is "" while `RESPONSE_HEADERS` keeps the original
-`content-encoding`. With `auto_decompress=False` on the session the wire bytes and the encoding are recorded.
+aiohttp decompresses before the application can read (`auto_decompress`, on by default) a body whose
+`content-encoding` is exactly one of gzip, deflate, br, zstd (ASCII, any case; `x-gzip` or a list such as
+`gzip, br` is left alone); the recorded body is then identity-encoded and `RESPONSE_CONTENT_ENCODING` is ""
+while `RESPONSE_HEADERS` keeps the original `content-encoding`. Otherwise the wire bytes and the encoding are
+recorded. Which `auto_decompress` applied to a response (the session's, or a per-request override, aiohttp
+>= 3.10) is only known to the response parser, which `ResponseHandler.set_response_params(auto_decompress=)`
+builds right before the response is read (after `send` for a proxy's CONNECT): that method is patched too, to
+note the value on the connection's protocol, and `ClientResponse.start` takes it from there. When it cannot be
+known (no note), the session's setting is assumed and the attempt carries `RECORDING_ERROR`.
+
+A request body aiohttp compresses itself (`compress=`) is not captured (the compressed bytes exist only inside
+its writer): it is recorded empty with `RECORDING_ERROR`, so the run is not replayable rather than wrong.
 Only hosts in `runtime.recording().http_hosts` are recorded.
 """
 
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import weakref
 from typing import Any
 
@@ -33,7 +43,8 @@ from tracetape.instrumentation.steps import HttpAttempt, start_http_attempt
 
 _ATTEMPT = "_tracetape_attempt"
 _TEE = "_tracetape_tee"
-_DECODED = ("gzip", "deflate", "br", "zstd", "x-gzip")
+_DECOMPRESS = "_tracetape_auto_decompress"  # on the protocol: the `auto_decompress` of its current parser
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})  # exactly the codings aiohttp's parsers decode
 _patches = Patches()
 
 
@@ -173,6 +184,10 @@ def _request_body(req: Any) -> tuple[bytes, str | None]:
     body = req.body
     if not body:
         return b"", None
+    compress = getattr(req, "compress", None)
+    if compress:  # aiohttp's writer deflates the body on its way out: the bytes sent are not these
+        coding = compress if isinstance(compress, str) else "deflate"
+        return b"", f"request body not captured: compressed by aiohttp ({coding})"
     if isinstance(body, (bytes, bytearray, memoryview)):
         return bytes(body), None
     if isinstance(body, payload.BytesPayload):
@@ -203,20 +218,72 @@ def _send_wrapper(original: Any) -> Any:
         except BaseException as exc:
             attempt.failed(exc)
             raise
-        session = getattr(self, "_session", None)
-        resp.__dict__[_ATTEMPT] = (attempt, bool(getattr(session, "auto_decompress", True)))
+        resp.__dict__[_ATTEMPT] = (attempt, getattr(self, "_session", None))
         return resp
 
     return send
 
 
+def _set_response_params_wrapper(original: Any) -> Any:
+    """Note on the protocol the `auto_decompress` its new response parser was built with."""
+    try:
+        parameter = inspect.signature(original).parameters.get("auto_decompress")
+    except (TypeError, ValueError):
+        parameter = None
+    default = None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+    @functools.wraps(original)
+    def set_response_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        try:
+            if parameter is None or args:
+                value = None  # unknown to us: not a keyword this aiohttp takes, or passed by position
+            else:
+                value = kwargs.get("auto_decompress", default)
+            self.__dict__[_DECOMPRESS] = None if value is None else bool(value)
+        except Exception:
+            pass
+        return result
+
+    return set_response_params
+
+
+def _take_auto_decompress(connection: Any) -> bool | None:
+    """The `auto_decompress` noted for the parser that reads this response (taken: never read twice)."""
+    try:
+        protocol = connection.protocol
+        return protocol.__dict__.pop(_DECOMPRESS, None) if protocol is not None else None
+    except Exception:
+        return None
+
+
+def _recorded_encoding(headers: Any, auto_decompress: bool | None, session: Any) -> tuple[str, str | None]:
+    """`(encoding of the bytes the application reads, recording error or None)` for a response's headers."""
+    values = headers.getall("content-encoding", [])
+    codings = {v.lower() if v.isascii() else v for v in values}
+    encoding = values[0].strip().lower() if values else ""
+    decodable = [c for c in codings if c in _DECODED]
+    if not decodable:
+        return encoding, None  # aiohttp leaves such a body alone whatever its setting
+    if len(codings) > 1:  # several content-encoding headers: which one aiohttp's parser went by is not known
+        return encoding, "response body encoding not known: several content-encoding headers"
+    if auto_decompress is None:  # cannot happen with the aiohttp versions known; assume the session's setting
+        guess = bool(getattr(session, "auto_decompress", True))
+        return ("" if guess else encoding), (
+            "response body encoding not known: aiohttp's auto_decompress for this response was not seen "
+            f"(assumed {guess}, recorded as {'identity' if guess else encoding})"
+        )
+    return ("" if auto_decompress else encoding), None
+
+
 def _start_wrapper(original: Any) -> Any:
     @functools.wraps(original)
     async def start(self: Any, connection: Any) -> Any:
+        auto_decompress = _take_auto_decompress(connection)
         pending = self.__dict__.pop(_ATTEMPT, None)
         if pending is None:
             return await original(self, connection)
-        attempt, auto_decompress = pending
+        attempt, session = pending
         try:
             result = await original(self, connection)
         except BaseException as exc:
@@ -224,10 +291,10 @@ def _start_wrapper(original: Any) -> Any:
             raise
         try:
             headers = self.headers
-            encoding = (headers.get("content-encoding", "") or "").strip().lower()
-            if auto_decompress and encoding in _DECODED:
-                encoding = ""  # the application reads decompressed bytes; so do we
+            encoding, problem = _recorded_encoding(headers, auto_decompress, session)
             attempt.response_started(self.status, list(headers.items()), encoding)
+            if problem is not None:
+                attempt.recording_error(problem)
             tee = ContentTee(self.content, attempt)
             tee._finalizer = weakref.finalize(self, attempt.finish, contract.END_DROPPED)
             self.content = tee
@@ -261,9 +328,11 @@ def _closing_wrapper(original: Any) -> Any:
 def instrument() -> None:
     """Patch aiohttp's client request/response classes; no-op when aiohttp is missing or already patched."""
     try:
+        from aiohttp.client_proto import ResponseHandler
         from aiohttp.client_reqrep import ClientRequest, ClientResponse
     except ImportError:
         return
+    _patches.patch(ResponseHandler, "set_response_params", _set_response_params_wrapper)
     _patches.patch(ClientRequest, "send", _send_wrapper)
     _patches.patch(ClientResponse, "start", _start_wrapper)
     _patches.patch(ClientResponse, "close", _closing_wrapper)

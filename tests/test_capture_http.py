@@ -7,6 +7,7 @@ the stand-in received and sent, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import inspect
 import json
@@ -17,6 +18,7 @@ import threading
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import anthropic
 import httpx2
 import openai
@@ -756,6 +758,230 @@ def test_aiohttp_gzip_is_recorded_decoded_as_the_application_reads_it(recorder: 
     headers = dict(contract.decode_headers(span.attributes[contract.RESPONSE_HEADERS]))
     assert headers["content-encoding"] == "gzip"
     assert span.attributes[contract.REQUEST_BODY] == b"zip me"
+
+
+class _CodingServer:
+    """A real aiohttp server (own thread) for the aiohttp hook's encoding tests.
+
+    - `GET /gz?ce=CODING&secret=0|1`: a gzip-compressed JSON body sent with `content-encoding: CODING`, echoing
+      `AIOHTTP_SECRET` when `secret=1`;
+    - `GET /hop?...`: a 302 to `/gz?...` (the same query);
+    - `POST /upload`: answers the `content-encoding` it received and the body once aiohttp's server inflated it.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    @staticmethod
+    def body(secret: bool) -> bytes:
+        return json.dumps({"echo": AIOHTTP_SECRET if secret else "nothing secret"}).encode()
+
+    async def _gz(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        q = request.query
+        wire = gzip.compress(self.body(q.get("secret") == "1"), mtime=0)
+        return aiohttp.web.Response(
+            body=wire, headers={"content-encoding": q.get("ce", "gzip"), "content-type": "application/json"}
+        )
+
+    async def _hop(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        raise aiohttp.web.HTTPFound(f"/gz?{request.query_string}")
+
+    async def _upload(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        received = await request.read()
+        return aiohttp.web.json_response(
+            {"content_encoding": request.headers.get("content-encoding"), "body": received.decode()}
+        )
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = aiohttp.web.Application()
+        app.router.add_get("/gz", self._gz)
+        app.router.add_get("/hop", self._hop)
+        app.router.add_post("/upload", self._upload)
+        self._runner = aiohttp.web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._ready.set()
+        self._loop.run_forever()
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.hostport}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+AIOHTTP_SECRET = "sk-" + "Q" * 40
+
+
+@pytest.fixture(scope="module")
+def coding_server() -> Any:
+    server = _CodingServer()
+    yield server
+    server.stop()
+
+
+def _record_host_too(recorder: Recorder, hostport: str) -> None:
+    """Record plain aiohttp traffic to `hostport` as well (the recorder's own teardown deactivates the run)."""
+    context = dataclasses.replace(recorder.context, http_hosts=recorder.context.http_hosts | {hostport})
+    runtime.activate(context, recorder.provider.get_tracer("tracetape"))
+
+
+def _inflated(body: bytes, encoding: str) -> bytes:
+    """`body` decoded per a recorded `tracetape.response.content_encoding`."""
+    if encoding in ("gzip", "x-gzip"):
+        return gzip.decompress(body)
+    assert encoding == "", f"unexpected recorded encoding {encoding!r}"
+    return body
+
+
+def _assert_consistent(span: ReadableSpan, read: bytes, secret: bool) -> None:
+    """The recorded (bytes, encoding) pair decodes to what the agent read (its secret masked), never to a secret."""
+    a = attrs(span)
+    body, encoding = a[contract.RESPONSE_BODY], a[contract.RESPONSE_CONTENT_ENCODING]
+    assert contract.RECORDING_ERROR not in a
+    plain_read = gzip.decompress(read) if read[:2] == b"\x1f\x8b" else read
+    assert json.loads(plain_read)["echo"] == (AIOHTTP_SECRET if secret else "nothing secret")
+    decoded = _inflated(body, encoding)  # raises when the bytes are not in the recorded encoding
+    assert decoded == redaction.redact_body(plain_read)
+    if secret:
+        assert AIOHTTP_SECRET[8:].encode() not in decoded and AIOHTTP_SECRET[8:].encode() not in body
+        assert encoding == "" and b"sk-Q***" in body  # stored decoded, the secret masked
+    else:
+        assert body == read  # exactly the bytes the agent read, labelled with their encoding
+        assert encoding == ("" if read is plain_read else "gzip")
+
+
+@pytest.mark.parametrize("secret", [False, True], ids=["no-secret", "secret"])
+def test_aiohttp_per_request_auto_decompress_decides_the_recorded_encoding(
+    recorder: Recorder, coding_server: _CodingServer, secret: bool
+) -> None:
+    """aiohttp >= 3.10 takes `auto_decompress=` per request; the recorded encoding follows the one that applied."""
+    _record_host_too(recorder, coding_server.hostport)
+    q = f"ce=gzip&secret={int(secret)}"
+
+    async def main() -> list[bytes]:
+        reads = []
+        async with aiohttp.ClientSession() as session:  # the session decompresses ...
+            async with session.get(f"{coding_server.url}/gz?{q}", auto_decompress=False) as r:  # ... not this one
+                reads.append(await r.read())
+            async with session.get(f"{coding_server.url}/hop?{q}", auto_decompress=False) as r:  # nor its hops
+                reads.append(await r.read())
+            async with session.get(f"{coding_server.url}/gz?{q}") as r:  # the session's setting
+                reads.append(await r.read())
+        async with aiohttp.ClientSession(auto_decompress=False) as session:  # the session does not ...
+            async with session.get(f"{coding_server.url}/gz?{q}", auto_decompress=True) as r:  # ... this one does
+                reads.append(await r.read())
+            async with session.get(f"{coding_server.url}/gz?{q}") as r:  # the session's setting
+                reads.append(await r.read())
+        return reads
+
+    reads = asyncio.run(main())
+    assert [r[:2] == b"\x1f\x8b" for r in reads] == [True, True, False, False, True]
+    spans = [s for s in recorder.wait_steps(6) if attrs(s)[contract.REQUEST_URL].startswith(coding_server.url)]
+    hop = spans.pop(1)
+    assert attrs(hop)[contract.RESPONSE_STATUS] == 302
+    assert len(spans) == len(reads) == 5
+    for span, read in zip(spans, reads):
+        _assert_consistent(span, read, secret)
+
+
+@pytest.mark.parametrize("secret", [False, True], ids=["no-secret", "secret"])
+def test_aiohttp_x_gzip_is_not_decoded_by_aiohttp_and_is_recorded_compressed(
+    recorder: Recorder, coding_server: _CodingServer, secret: bool
+) -> None:
+    """aiohttp decodes gzip, deflate, br and zstd only: an `x-gzip` body reaches the agent still compressed."""
+    _record_host_too(recorder, coding_server.hostport)
+
+    async def main() -> list[bytes]:
+        reads = []
+        for auto in (True, False):
+            async with aiohttp.ClientSession(auto_decompress=auto) as session:
+                async with session.get(f"{coding_server.url}/gz?ce=x-gzip&secret={int(secret)}") as r:
+                    reads.append(await r.read())
+        return reads
+
+    reads = asyncio.run(main())
+    assert all(r[:2] == b"\x1f\x8b" for r in reads)
+    spans = recorder.wait_steps(2)
+    assert len(spans) == 2
+    for span, read in zip(spans, reads):
+        a = attrs(span)
+        if not secret:
+            assert a[contract.RESPONSE_CONTENT_ENCODING] == "x-gzip" and a[contract.RESPONSE_BODY] == read
+        body, encoding = a[contract.RESPONSE_BODY], a[contract.RESPONSE_CONTENT_ENCODING]
+        assert contract.RECORDING_ERROR not in a
+        assert _inflated(body, encoding) == redaction.redact_body(gzip.decompress(read))
+        if secret:
+            assert AIOHTTP_SECRET[8:].encode() not in _inflated(body, encoding)
+
+
+def test_aiohttp_unknown_auto_decompress_is_a_recording_error(
+    recorder: Recorder, coding_server: _CodingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the hook cannot see which `auto_decompress` applied, it says so instead of trusting a guess."""
+    from aiohttp.client_proto import ResponseHandler
+
+    from tracetape.instrumentation.patching import ORIGINAL
+
+    _record_host_too(recorder, coding_server.hostport)
+    monkeypatch.setattr(ResponseHandler, "set_response_params", getattr(ResponseHandler.set_response_params, ORIGINAL))
+
+    async def main() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{coding_server.url}/gz?ce=gzip&secret=1") as r:
+                return await r.read()
+
+    read = asyncio.run(main())
+    (span,) = recorder.wait_steps(1)
+    a = attrs(span)
+    assert "response body encoding not known" in a[contract.RECORDING_ERROR]
+    assert a[contract.RESPONSE_CONTENT_ENCODING] == ""  # the session's setting, assumed (and right here)
+    assert _inflated(a[contract.RESPONSE_BODY], "") == redaction.redact_body(read)
+
+
+def test_aiohttp_compressed_request_body_is_not_recorded_as_the_uncompressed_payload(
+    recorder: Recorder, coding_server: _CodingServer
+) -> None:
+    """`compress=`: aiohttp deflates the body inside its writer; the payload handed to it is not what was sent."""
+    _record_host_too(recorder, coding_server.hostport)
+    payload = b'{"q": "hello"}' * 8
+
+    async def main() -> list[Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{coding_server.url}/upload", data=payload, compress="deflate") as r:
+                zipped = await r.json()
+            async with session.post(f"{coding_server.url}/upload", data=payload, compress=True) as r:
+                default = await r.json()
+            async with session.post(f"{coding_server.url}/upload", data=payload) as r:
+                plain = await r.json()
+        return [zipped, default, plain]
+
+    answers = asyncio.run(main())
+    assert [a["content_encoding"] for a in answers] == ["deflate", "deflate", None]  # really sent deflated
+    assert all(a["body"] == payload.decode() for a in answers)
+    zipped, default, plain = recorder.wait_steps(3)
+    for span in (zipped, default):
+        a = attrs(span)
+        assert a[contract.REQUEST_BODY] == b""  # not the uncompressed payload, which was never on the wire
+        assert a[contract.RECORDING_ERROR] == "request body not captured: compressed by aiohttp (deflate)"
+        assert dict(contract.decode_headers(a[contract.REQUEST_HEADERS]))["content-encoding"] == "deflate"
+        assert a[contract.RESPONSE_STATUS] == 200
+    assert contract.RECORDING_ERROR not in attrs(plain)
+    assert attrs(plain)[contract.REQUEST_BODY] == payload
 
 
 def test_httpx2_records_sdk_traffic_on_any_host_and_other_traffic_on_configured_hosts_only(
