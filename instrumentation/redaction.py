@@ -294,12 +294,19 @@ def redact_encoded(body: bytes, encoding: str) -> tuple[bytes, str]:
     """A content-encoded body (gzip, deflate, zstd) scanned for secrets: `(body, encoding)` unchanged when it
     holds none (the wire bytes are kept), else `(decoded body with secrets masked, "")`.
 
-    A body in an encoding this cannot read (br), or inflating past `MAX_INFLATE`, is returned unchanged."""
+    A truncated or corrupt stream (a response read only in part) is scanned as far as it decodes, and when
+    that part holds a secret it is what is stored, decoded and masked. A body in an encoding this cannot read
+    (br), or inflating past `MAX_INFLATE`, is returned unchanged."""
     from tracetape.instrumentation import encodings
 
     try:
         decoded = encodings.decode(body, encoding, MAX_INFLATE)
-    except encodings.EncodingError:  # br, corrupt, or too large to scan: kept as it came
+    except encodings.CorruptEncoding:
+        try:
+            decoded = encodings.decode(body, encoding, MAX_INFLATE, partial=True)
+        except encodings.EncodingError:
+            return body, encoding
+    except encodings.EncodingError:  # br, or too large to scan: kept as it came
         return body, encoding
     redacted = redact_body(decoded)
     return (body, encoding) if redacted is decoded else (redacted, "")

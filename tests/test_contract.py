@@ -130,3 +130,35 @@ def test_the_stored_url_rebuilds_the_envelope_recording_hashed(pairs: list[tuple
     for name, value in pairs:
         if redaction.is_secret_param(name) and len(value) >= 6 and value.isalnum() and value.isascii():
             assert value not in stored.query, (name, value)
+
+
+def test_a_compressed_body_read_only_in_part_is_scanned_as_far_as_it_decodes() -> None:
+    """A gzip/deflate/zstd response the application stopped reading is a prefix of a stream: it is inflated as
+    far as it goes, and a secret in that part is masked (stored decoded); without one the bytes are kept."""
+    import zlib
+
+    import zstandard
+
+    secret = "sk-" + "C" * 40
+    text = json.dumps({"echo": secret, "pad": "x" * 2000}).encode()
+    plain = json.dumps({"echo": "nothing here", "pad": "x" * 2000}).encode()
+
+    def gzip_prefix(data: bytes) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)  # no end of stream: cut where the reader stopped
+
+    def deflate_prefix(data: bytes) -> bytes:
+        c = zlib.compressobj(9)
+        return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+
+    def zstd_prefix(data: bytes) -> bytes:
+        c = zstandard.ZstdCompressor().compressobj()
+        return c.compress(data) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)  # blocks so far, no frame end
+
+    for coding, prefix in (("gzip", gzip_prefix), ("deflate", deflate_prefix), ("zstd", zstd_prefix)):
+        body, encoding = redaction.redact_encoded(prefix(text), coding)
+        assert encoding == "" and secret.encode() not in body and b"sk-C" in body, coding
+        cut = prefix(plain)
+        assert redaction.redact_encoded(cut, coding) == (cut, coding), coding  # nothing to mask: bytes kept
+    garbage = b"\x1f\x8b not really gzip"
+    assert redaction.redact_encoded(garbage, "gzip") == (garbage, "gzip")
