@@ -194,12 +194,15 @@ class Store:
             for name in DB_NAMES:
                 try:
                     self._dbs[name] = self.env.open_db(name.encode(), create=False)
-                except lmdb.NotFoundError as err:
+                except (lmdb.NotFoundError, lmdb.IncompatibleError) as err:  # absent, or a plain key of that name
                     raise StoreError(f"{self.path} is not a tracetape store (no {name!r} table)") from err
         else:
             with self.env.begin(write=True) as txn:
                 for name in DB_NAMES:
-                    self._dbs[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+                    try:
+                        self._dbs[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+                    except lmdb.IncompatibleError as err:  # another program's LMDB with a plain key of that name
+                        raise StoreError(f"{self.path} is not a tracetape store ({name!r} is not a table)") from err
                 meta = self._dbs["meta"]
                 version = txn.get(b"schema", db=meta)
                 if version is None:

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tracetape.collector import ingest, keys, records
-from tracetape.collector.store import Store, StoreFull
+from tracetape.collector.store import Store, StoreError, StoreFull
 from tracetape.collector.writer import Overloaded, StoreWriter
 from tracetape.instrumentation import contract as c
 
@@ -474,3 +474,16 @@ def test_show_and_export_read_a_growing_run_as_of_one_moment(tmp_path: Path, cap
     finally:
         proc.join(60)
     assert checked >= 5
+
+
+def test_another_programs_lmdb_is_not_a_store(tmp_path: Path) -> None:
+    """An LMDB environment whose main database has a plain key named like one of the store's tables."""
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "foreign"))
+    with env.begin(write=True) as txn:
+        txn.put(b"runs", b"some value")
+    env.close()
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match="is not a tracetape store"):
+            Store(tmp_path / "foreign", readonly=readonly)
