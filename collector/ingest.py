@@ -405,6 +405,7 @@ class _Preparer:
             replay_mode=_str(attrs, c.RUN_REPLAY_MODE),
             replay_forced=bool(value_of(attrs[c.RUN_REPLAY_FORCED])) if c.RUN_REPLAY_FORCED in attrs else False,
             lineage_depth=_int(attrs, c.RUN_LINEAGE_DEPTH, 0) or 0,
+            recording_error=_str(attrs, c.RECORDING_ERROR),  # e.g. `tracetape run` knew it could not record
         )
 
 

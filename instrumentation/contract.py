@@ -82,7 +82,7 @@ STEP_KIND = "tracetape.step.kind"  # STEP_KIND_*
 STEP_ATTEMPT = "tracetape.step.attempt"  # int, 0 for the first attempt
 ENVELOPE_HASH = "tracetape.envelope.hash"  # sha256 hex of the canonical envelope
 ENVELOPE_PROFILE = "tracetape.envelope.profile"  # CANON_PROFILE
-RECORDING_ERROR = "tracetape.recording.error"  # set when the recorder itself failed for this attempt
+RECORDING_ERROR = "tracetape.recording.error"  # the recorder failed for this attempt (or, on a run span, the run)
 
 STEP_KIND_MODEL = "model"
 STEP_KIND_HTTP = "http"

@@ -20,6 +20,12 @@ completed/0; failed/1 on an uncaught exception (seen through `sys.excepthook`, c
 `sys.exit(N)` / `exit(N)` (N & 0xFF, as the OS reports it; `raise SystemExit(N)` without `sys.exit` is not
 seen and counts as 0); cancelled/-2 on an uncaught KeyboardInterrupt; cancelled/-15 on SIGTERM. A process
 ended by `os._exit` or SIGKILL never ends its run span (the collector keeps the run as incomplete).
+
+The run belongs to the process that started it. A forked child (`os.fork()`, a `multiprocessing` worker
+started by fork) inherits the session, its exit tracking and its SIGTERM handler, but never ends the run:
+its exit, or a SIGTERM (`Pool.terminate()`), only flushes the child's own spans, and the child then exits
+or dies by the signal as it would without tracetape. (`ids` reseeds its generator in such a child for the
+same reason: what the parent owns is not the child's.)
 """
 
 from __future__ import annotations
@@ -139,6 +145,7 @@ class _Session:
 
     def __init__(self, config: RecorderConfig) -> None:
         self.config = config
+        self.owner_pid = os.getpid()  # a forked child inherits the session but not the run
         agent = config.agent_name or runspan.agent_name_from_command(getattr(sys, "orig_argv", sys.argv))
         self.recorder = provider.build_recorder(config, service_name=agent)
         provider.register(self.recorder, config)
@@ -176,9 +183,16 @@ class _Session:
         os.environ.pop("TRACESTATE", None)
         return env
 
+    @property
+    def owns_run(self) -> bool:
+        """Whether this process started the run span (False in a forked child, and when it is external)."""
+        return self.run_span is not None and os.getpid() == self.owner_pid
+
     def end_run(self, outcome: str, exit_code: int, *, blocking: bool = True) -> None:
-        """End the run span once. Non-blocking from a signal handler: if the main thread is already
-        ending it, that ending stands."""
+        """End the run span once, only in the process that started it. Non-blocking from a signal handler:
+        if the main thread is already ending it, that ending stands."""
+        if not self.owns_run:
+            return  # a forked child: the parent's run is not its to end (nor its lock, copied mid-use maybe)
         if not self._lock.acquire(blocking=blocking):
             return
         try:
@@ -188,10 +202,12 @@ class _Session:
             self._lock.release()
 
     def end_run_at_exit(self) -> None:
-        if self.tracker is not None:
+        if self.tracker is not None and self.owns_run:
             self.end_run(*self.tracker.result())
 
     def on_terminate(self, will_die: bool) -> None:
+        if not self.owns_run:
+            return  # a forked child: the handler only flushes the child's spans, then the signal goes on
         if will_die:
             self.end_run(contract.OUTCOME_CANCELLED, -int(signal.SIGTERM), blocking=False)
         elif self.tracker is not None:

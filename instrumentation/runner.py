@@ -9,16 +9,23 @@ with:
 - PYTHONPATH prefixed with tracetape's bootstrap folder (its `sitecustomize` turns recording on in any
   Python child, then runs the `sitecustomize` it shadows).
 
-SIGTERM and SIGHUP received by the wrapper are passed on to the child; so is SIGINT, except when the wrapper
-is the terminal's foreground process group (the terminal has then already sent it to the child too). The
-wrapper waits for the child, ends the run span with the outcome (`runspan.outcome_for_status`: exit 0 →
-completed, N > 0 → failed, or cancelled when SIGINT/SIGTERM was passed on; killed by signal N → exit code
--N, cancelled for SIGINT/SIGTERM, failed otherwise), flushes, and exits with the child's status (128 + N
+SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 received by the wrapper are passed on to the child; so are SIGINT,
+SIGQUIT and SIGWINCH, except when the wrapper is the terminal's foreground process group (the terminal has
+then already sent them, Ctrl-C, Ctrl-\\ or a resize, to the child too). The wrapper waits for the child,
+ends the run span with the outcome (`runspan.outcome_for_status`: exit 0 → completed, N > 0 → failed, or
+cancelled when SIGINT/SIGTERM was passed on; killed by signal N → exit code -N, cancelled for
+SIGINT/SIGTERM, failed otherwise), flushes, and exits with the child's status (128 + N
 for a death by signal N, like a shell). A command that cannot be started: exit 127 (not found) or 126 (not
 executable), outcome failed. An unreachable collector costs one warning on stderr; the command still runs.
 
+A Python command whose options keep tracetape's bootstrap from loading (`-I` or `-E`: PYTHONPATH is ignored;
+`-S`: `site`, hence `sitecustomize`, is skipped; combined forms like `-IE` too) runs as asked, but cannot be
+recorded: one warning on stderr says so, and the run span carries `RECORDING_ERROR`, so the collector stores
+the run as not replayable (`recording_failure`) instead of as a complete run without steps.
+
 `--json` prints `{"run_id": ..., "exit_code": ..., "outcome": ...}` on stdout at the end, where
-`exit_code` is the recorded `RUN_EXIT_CODE` (negative for a signal).
+`exit_code` is the recorded `RUN_EXIT_CODE` (negative for a signal). When nobody reads stdout any more
+(`| head -1`), that line is dropped and the exit status is still the child's.
 """
 
 from __future__ import annotations
@@ -42,9 +49,24 @@ BOOTSTRAP_DIR = str(Path(__file__).resolve().parent / "bootstrap")
 """The folder holding tracetape's `sitecustomize.py`."""
 
 _FORWARDED = tuple(
-    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+    s
+    for s in (
+        getattr(signal, name, None)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+    )
     if s is not None
 )
+_FROM_TERMINAL = frozenset(
+    s for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGQUIT", "SIGWINCH")) if s is not None
+)
+"""Signals a terminal sends to its whole foreground process group (Ctrl-C, Ctrl-\\, a resize)."""
+
+_NO_BOOTSTRAP_FLAGS = {
+    "I": "-I (isolated mode) ignores PYTHONPATH",
+    "E": "-E ignores PYTHONPATH",
+    "S": "-S skips site and sitecustomize",
+}
+"""Python options that keep tracetape's bootstrap `sitecustomize` from loading in the child."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
     recorder = provider.build_recorder(config, service_name=agent)
     run_span = runspan.start_run(recorder.tracer, agent=agent, command=command)
     recorder.flush()
+    unrecordable = _unrecordable_reason(command)
+    if unrecordable is not None:
+        print(f"tracetape run: {unrecordable}, so tracetape cannot record this command; the run is stored as a "
+              "recording failure", file=sys.stderr, flush=True)
+        run_span.set_attribute(contract.RECORDING_ERROR, f"{unrecordable}: tracetape's recorder cannot load in it")
 
     child = _Child(command, _child_env(config, run_span, recorder.collector_warned, os.environ))
     returncode = child.run()
@@ -90,8 +117,28 @@ def run(args: argparse.Namespace) -> int:
     recorder.shutdown()
 
     if args.json:
-        print(json.dumps({"run_id": config.run_id, "exit_code": exit_code, "outcome": outcome}), flush=True)
+        _print_json({"run_id": config.run_id, "exit_code": exit_code, "outcome": outcome})
     return runspan.shell_status(exit_code) if returncode is not None else exit_code
+
+
+def _print_json(document: Mapping[str, Any]) -> None:
+    """Print `document` as one JSON line on stdout; a reader that has gone (`| head -1`) only loses it."""
+    try:
+        print(json.dumps(document), flush=True)
+    except BrokenPipeError:
+        # Python's recipe: later writes, and the flush at exit, go to /dev/null instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _unrecordable_reason(command: Sequence[str]) -> str | None:
+    """Why the bootstrap cannot load in `command` (a Python option that disables it), or None."""
+    python = runspan.python_command(command)
+    if python is None:
+        return None
+    found = [why for flag, why in _NO_BOOTSTRAP_FLAGS.items() if flag in python.flags]
+    return f"python {', '.join(found)}" if found else None
 
 
 def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> cfg.RecorderConfig:
@@ -146,8 +193,9 @@ def _run_unrecorded(command: Sequence[str]) -> int:
     return child.start_error_status if returncode is None else runspan.shell_status(returncode)
 
 
-def _tty_sends_sigint_to_child() -> bool:
-    """Whether this process is in the terminal's foreground process group (Ctrl-C reaches the child too)."""
+def _tty_signals_reach_child() -> bool:
+    """Whether this process is in the terminal's foreground process group (what the terminal sends, Ctrl-C,
+    Ctrl-\\ or a resize, reaches the child too)."""
     for fd in (0, 1, 2):
         try:
             return os.tcgetpgrp(fd) == os.getpgrp()
@@ -212,7 +260,7 @@ class _Child:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in runspan.CANCEL_SIGNALS:
             self.cancel_requested = True
-        if signum == signal.SIGINT and _tty_sends_sigint_to_child():
+        if signum in _FROM_TERMINAL and _tty_signals_reach_child():
             return
         if self.proc is None:
             self._pending.append(signum)

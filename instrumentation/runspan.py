@@ -8,6 +8,8 @@
 - `outcome_for_status` maps a child's wait status to (outcome, exit code): 0 → completed; N > 0 →
   failed (cancelled when the run was asked to stop, i.e. a SIGINT/SIGTERM was passed on); killed by
   signal N (`-N`) → cancelled for SIGINT/SIGTERM, failed otherwise. The exit code is kept as `-N`.
+- `agent_name_from_command` / `python_command` read a command line (the agent's name; the options a
+  Python command gives its interpreter).
 - `traceparent_env` / `context_from_env` carry the run span to a child process as `TRACEPARENT`
   (W3C trace context) in its environment.
 """
@@ -19,6 +21,7 @@ import re
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -35,6 +38,7 @@ CANCEL_SIGNALS = frozenset({int(signal.SIGINT), int(signal.SIGTERM)})
 _PYTHON = re.compile(r"(python|pypy)[0-9.]*[a-z]?(\.exe)?", re.IGNORECASE)
 _LAUNCHERS = frozenset({"opentelemetry-instrument", "env", "nohup", "time", "exec"})
 _PY_OPTS_WITH_VALUE = frozenset({"-W", "-X", "-Q"})
+_PY_LONG_OPTS_WITH_VALUE = frozenset({"--check-hash-based-pycs"})
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -45,32 +49,82 @@ def agent_name_from_command(argv: Sequence[str]) -> str:
     x.py` → `x`; `./my-agent --flag` → `my-agent`; `python -c ...` → `python`.
     """
     args = [a for a in argv if a]
-    i = 0
-    while i < len(args):
-        base = os.path.basename(args[i])
-        if base in _LAUNCHERS or "=" in args[i]:
-            i += 1
+    i = _program_index(args)
+    if i is None:
+        return "agent"
+    py = _parse_python(args, i)
+    if py is None:
+        return _stem(os.path.basename(args[i]))
+    if py.module:
+        return py.module
+    if py.script and py.script != "-":
+        return _stem(os.path.basename(py.script))
+    return _stem(py.interpreter)
+
+
+@dataclass(frozen=True)
+class PythonCommand:
+    """What a command line asks of the Python interpreter it runs (see `python_command`)."""
+
+    interpreter: str  # the program's base name, e.g. `python3.11`
+    flags: frozenset[str] = frozenset()  # its one-letter options that take no value, e.g. {"I", "u"}
+    module: str | None = None  # `-m MODULE`
+    code: bool = False  # `-c CODE`
+    script: str | None = None  # the script's path (`-` for stdin)
+
+
+def python_command(argv: Sequence[str]) -> PythonCommand | None:
+    """The interpreter's options when `argv` runs Python (after launchers such as `env VAR=x`), else None.
+
+    Options are read as Python reads them: combined (`-IE`, `-Im pkg`, `-Wignore`), `-W`/`-X` taking the
+    rest of their argument or the next one, up to the script, `-m`, `-c`, `-` or `--`."""
+    args = [a for a in argv if a]
+    i = _program_index(args)
+    return None if i is None else _parse_python(args, i)
+
+
+def _program_index(args: Sequence[str]) -> int | None:
+    """The index of the program `args` runs, past launchers and `VAR=value` words."""
+    for i, arg in enumerate(args):
+        if os.path.basename(arg) in _LAUNCHERS or "=" in arg:
             continue
-        if _PYTHON.fullmatch(base):
-            j = i + 1
-            while j < len(args):
-                arg = args[j]
-                if arg == "-m" and j + 1 < len(args):
-                    return args[j + 1]
-                if arg.startswith("-m") and len(arg) > 2:
-                    return arg[2:]
-                if arg == "-c" or arg.startswith("-c"):
-                    return _stem(base)
-                if arg in _PY_OPTS_WITH_VALUE:
-                    j += 2
-                    continue
-                if arg.startswith("-"):
-                    j += 1
-                    continue
-                return _stem(os.path.basename(arg))
-            return _stem(base)
-        return _stem(base)
-    return "agent"
+        return i
+    return None
+
+
+def _parse_python(args: Sequence[str], i: int) -> PythonCommand | None:
+    base = os.path.basename(args[i])
+    if not _PYTHON.fullmatch(base):
+        return None
+    flags: set[str] = set()
+
+    def done(**found: Any) -> PythonCommand:
+        return PythonCommand(interpreter=base, flags=frozenset(flags), **found)
+
+    j = i + 1
+    while j < len(args):
+        arg = args[j]
+        if arg == "--":
+            return done(script=args[j + 1] if j + 1 < len(args) else None)
+        if arg == "-" or not arg.startswith("-"):
+            return done(script=arg)
+        if arg.startswith("--"):  # --help, --version, --check-hash-based-pycs MODE
+            j += 2 if arg in _PY_LONG_OPTS_WITH_VALUE else 1
+            continue
+        for k in range(1, len(arg)):
+            letter = arg[k]
+            if letter in ("c", "m"):
+                value = arg[k + 1 :] or (args[j + 1] if j + 1 < len(args) else None)
+                if letter == "c":
+                    return done(code=True)
+                return done(module=value)
+            if "-" + letter in _PY_OPTS_WITH_VALUE:
+                if k + 1 == len(arg):
+                    j += 1  # the value is the next argument
+                break
+            flags.add(letter)
+        j += 1
+    return done()
 
 
 def _stem(name: str) -> str:

@@ -3,6 +3,7 @@ real receiver on 127.0.0.1 (`tests.support.otlp_sink`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -414,6 +415,7 @@ def test_in_process_signal_flushes_and_dies_by_the_signal(sink: OtlpSink, agent:
 
 
 APP_WITH_OWN_PROVIDER = """
+import asyncio
 import json
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -490,3 +492,190 @@ def test_tracetape_script_and_disabled_recording(sink: OtlpSink, agent: Path) ->
     assert done.returncode == 5 and "agent done" in done.stdout
     time.sleep(0.3)
     assert sink.by_run("run-disabled") == []
+
+
+FORKING_AGENT = """
+import multiprocessing as mp, os, signal, sys, time
+import tracetape
+
+def work(x):
+    return x * 2
+
+@tracetape.tool
+def in_forked_child():
+    return 1
+
+if __name__ == "__main__":
+    # leaving the `with` calls Pool.terminate(): SIGTERM to each (forked) worker
+    with mp.get_context("fork").Pool(2) as pool:
+        print(pool.map(work, range(4)), flush=True)
+    pid = os.fork()
+    if pid == 0:  # a plain forked child that records a step and exits normally (atexit runs)
+        in_forked_child()
+        sys.exit(0)
+    print("exiting child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGTERM)
+    print("terminated child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    time.sleep(0.5)  # the children's exports, if any, reach the sink before the parent's
+    print("agent done", flush=True)
+"""
+
+
+def test_in_process_forked_children_never_end_the_parents_run(sink: OtlpSink, tmp_path: Path) -> None:
+    script = tmp_path / "forker.py"
+    script.write_text(FORKING_AGENT)
+    run_id = "run-inproc-fork"
+    done = run_instrumented(sink, script, "0", run_id)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    # the children behave as they would without tracetape: the exiting one 0, the terminated one by SIGTERM
+    assert done.stdout.splitlines() == [
+        "[0, 2, 4, 6]", "exiting child 0", f"terminated child {-int(signal.SIGTERM)}", "agent done"
+    ]
+    sink.wait_for(run_ended(run_id))
+    time.sleep(0.5)
+    runs = [s for s in sink.by_run(run_id) if s.get(contract.SPAN_KIND) == "run"]
+    # one run span, ended once, by the parent (the collector keeps the first copy of a span id)
+    assert [(s.get(contract.RUN_OUTCOME), s.get(contract.RUN_EXIT_CODE)) for s in runs] == [("completed", 0)]
+    # the forked child's own step is still recorded, under the run
+    step = next(s for s in sink.by_run(run_id) if s.name == "execute_tool in_forked_child")
+    assert step.parent_span_id == runs[0].span_id
+
+
+# --- signals beyond INT/TERM/HUP, isolated interpreters, a stdout reader that goes away ---------------------
+SIGNALLED_CHILD = """
+import signal, sys, time
+def stop(signum, frame):
+    print(f"child got {signal.Signals(signum).name}", flush=True)
+    sys.exit(7)
+signal.signal(signal.SIGWINCH, lambda *a: print("child got SIGWINCH", flush=True))
+for name in ("SIGUSR1", "SIGUSR2", "SIGQUIT"):
+    signal.signal(getattr(signal, name), stop)
+print("ready", flush=True)
+time.sleep(30)
+print("child timed out", flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2", "SIGQUIT"])
+def test_other_signals_reach_the_child_and_its_status_is_the_wrappers(
+    sink: OtlpSink, tmp_path: Path, name: str
+) -> None:
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_CHILD)
+    run_id = f"run-{name.lower()}"
+    proc = subprocess.Popen(
+        wrapper_cmd(sink, "--run-id", run_id, "--", sys.executable, str(script)),
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # not the terminal's foreground group: the wrapper is the one to pass it on
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGWINCH)  # ignored by default: passed on, and the wrapper keeps running
+        time.sleep(0.3)
+        proc.send_signal(getattr(signal, name))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    assert out.splitlines()[:2] == ["child got SIGWINCH", f"child got {name}"]
+    assert last_json(out) == {"run_id": run_id, "exit_code": 7, "outcome": "failed"}
+    run = spans_of(sink, run_id)["invoke_agent signalled"]
+    assert (run.get(contract.RUN_OUTCOME), run.get(contract.RUN_EXIT_CODE)) == ("failed", 7)
+
+
+def test_a_child_killed_by_a_forwarded_sigquit_gives_the_wrapper_its_status(sink: OtlpSink, agent: Path) -> None:
+    proc, child_pid = _start_waiting(sink, agent, "run-sigquit-default")
+    proc.send_signal(signal.SIGQUIT)  # the child's default action: die (core dump where enabled)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGQUIT, err
+    assert last_json(out) == {"run_id": "run-sigquit-default", "exit_code": -int(signal.SIGQUIT), "outcome": "failed"}
+    assert _gone(child_pid)
+
+
+ISOLATION_AGENT = "import sys\nprint('agent done', flush=True)\nsys.exit(3)\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["-I"], "-I"),
+        (["-E"], "-E"),
+        (["-S"], "-S"),
+        (["-u", "-IE"], "-I"),  # combined
+        (["-X", "dev", "-W", "ignore", "-sE"], "-E"),  # after options that take a value
+        (["-u", "-W", "ignore"], None),  # nothing that keeps the recorder out
+    ],
+)
+def test_python_options_that_keep_the_recorder_out_make_a_recording_failure(
+    tmp_path: Path, flags: list[str], named: str | None
+) -> None:
+    from tests.support.collector import collector_config, http_url, running_collector
+    from tests.support.collector import run as run_async
+
+    script = tmp_path / "iso.py"
+    script.write_text(ISOLATION_AGENT)
+    run_id = "run-iso" + "".join(flags).replace("-", "_").replace(" ", "")
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], object]:
+        async with running_collector(collector_config(tmp_path / "db")) as svc:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "tracetape.cli", "run", "--endpoint", http_url(svc), "--run-id", run_id,
+                 "--", sys.executable, *flags, str(script)],
+                env=clean_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                record = svc.store.run("default", "default", run_id)
+                if record is not None and record.status != "running":
+                    return done, record
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"the run did not end in the store: {done.stderr}")
+
+    done, record = run_async(scenario())
+    assert done.returncode == 3 and done.stdout == "agent done\n"  # the command runs as asked
+    assert record.status == "failed" and record.exit_code == 3
+    if named is None:
+        assert done.stderr == ""
+        assert (record.replayable, record.reason) == (True, "ok")
+        return
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"tracetape run: python {named}") and "cannot record" in line
+    assert (record.replayable, record.reason) == (False, "recording_failure")
+
+
+def test_json_to_a_reader_that_has_gone_keeps_the_childs_status(sink: OtlpSink, tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -1` after its line: nobody reads the wrapper's stdout any more
+    try:
+        done = subprocess.run(
+            wrapper_cmd(sink, "--run-id", "run-json-epipe", "--", sys.executable, "-c", "raise SystemExit(3)"),
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == ""
+    run = spans_of(sink, "run-json-epipe")["invoke_agent python"]
+    assert (run.get(contract.RUN_OUTCOME), run.get(contract.RUN_EXIT_CODE)) == ("failed", 3)
