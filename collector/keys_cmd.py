@@ -29,9 +29,17 @@ def run(args: argparse.Namespace) -> int:
     except InvalidId as err:
         raise CliError(str(err)) from None
     # at a terminal: prompt without echo; piped: one line of stdin
-    key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    not_text = CliError("the key is not UTF-8 text: an API key must be text")  # the key itself is never shown
+    try:
+        key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    except UnicodeDecodeError:  # stdin decoded strictly
+        raise not_text from None
     if not key:
         raise CliError("no key on standard input (e.g. `printenv TRACETAPE_API_KEY | tracetape keys hash`)")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, kept by stdin's surrogateescape as a lone surrogate
+        raise not_text from None
     digest = hash_key(key)
     if args.json:
         print(json.dumps({"sha256": digest, "tenant": tenant}))

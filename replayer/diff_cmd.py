@@ -37,7 +37,15 @@ def _route(step: StepRecord) -> str:
     if step.kind == contract.STEP_KIND_TOOL:
         return f"tool:{step.tool_name}"
     a = step.attempts[0] if step.attempts else None
-    return f"{step.kind}:{a.method if a else ''}:{contract.normalize_path(urlsplit(a.url).path) if a else ''}"
+    return f"{step.kind}:{a.method if a else ''}:{contract.normalize_path(_url_path(a.url)) if a else ''}"
+
+
+def _url_path(url: str) -> str:
+    """The path of a recorded URL; the whole URL when it does not parse (`http://[::1/x`)."""
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        return url
 
 
 def _blob(store: Store, run: RunRecord, ref: Any) -> bytes:
@@ -47,14 +55,14 @@ def _blob(store: Store, run: RunRecord, ref: Any) -> bytes:
 def _envelope(store: Store, run: RunRecord, step: StepRecord) -> dict[str, Any]:
     a = step.attempts[0]
     if step.kind == contract.STEP_KIND_TOOL:
-        return contract.tool_envelope(step.tool_name, json.loads(_blob(store, run, a.tool_arguments) or b"null"))
+        return contract.tool_envelope(step.tool_name, responses.body_value(_blob(store, run, a.tool_arguments)))
     return recorded_envelope(a, _blob(store, run, a.request_body))
 
 
 def _response(store: Store, run: RunRecord, a: AttemptRecord, tool: bool) -> tuple[bytes, Any]:
     if tool:
         raw = _blob(store, run, a.tool_result)
-        return raw + a.error_type.encode(), {"result": json.loads(raw) if raw else None, "error": a.error_type or None}
+        return raw + a.error_type.encode(), {"result": responses.body_value(raw), "error": a.error_type or None}
     raw = _blob(store, run, a.response_body)
     return raw, {"status": a.status, "body": responses.body_value(raw, a.content_encoding, a.streamed)}
 

@@ -29,8 +29,12 @@ def recorded_envelope(attempt: AttemptRecord, body: bytes) -> dict[str, Any]:
 
 
 def recorded_request_envelope(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> dict[str, Any]:
-    """`recorded_envelope` from the attempt's stored parts."""
-    parts = urlsplit(url)
+    """`recorded_envelope` from the attempt's stored parts. A URL that does not parse (`http://[::1/x`)
+    is taken whole as the path, with no query."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return contract.http_envelope(method or "GET", url, "", headers, body)
     return contract.http_envelope(method or "GET", parts.path, parts.query, headers, body)
 
 

@@ -49,8 +49,12 @@ def make_profile(name: str, upstream: str, base_path: str | None = None) -> Prof
     """A validated profile (CliError on a bad name or URL)."""
     if not _NAME.fullmatch(name) or name.startswith("_"):
         raise CliError(f"invalid profile name {name!r}: use lower-case letters, digits, - and _")
-    parts = urlsplit(upstream)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(upstream)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number or out of range
+    except ValueError:  # `http://[x`, `http://h:abc`
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise CliError(f"invalid upstream URL for profile {name!r}: {upstream!r} (use http(s)://host[:port][/path])")
     upstream = upstream.rstrip("/")
     path = urlsplit(upstream).path if base_path is None else base_path

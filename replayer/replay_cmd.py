@@ -23,6 +23,7 @@ import argparse
 import difflib
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -94,7 +95,7 @@ def _load_envelope(path: str) -> dict[str, Any]:
             data = json.loads(fh.read())
     except OSError as err:
         raise CliError(f"cannot read {path}: {err.strerror}") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CliError(f"{path} is not JSON") from None
     if isinstance(data, dict) and isinstance(data.get("envelope"), dict):
         data = data["envelope"]
@@ -118,7 +119,7 @@ def verify_envelope(store: Store, run: RunRecord, path: str) -> dict[str, Any]:
             continue
         if step.kind == contract.STEP_KIND_TOOL:
             raw = store.blob(run.tenant, run.scope, a.tool_arguments.digest) if a.tool_arguments else b"null"
-            expected = contract.tool_envelope(step.tool_name, json.loads(raw or b"null"))
+            expected = contract.tool_envelope(step.tool_name, responses.body_value(raw or b""))
         else:
             body = store.blob(run.tenant, run.scope, a.request_body.digest) if a.request_body else b""
             expected = recorded_envelope(a, body or b"")
@@ -197,22 +198,64 @@ def _print_final_output(args: argparse.Namespace, store: Store, run_rec: RunReco
 
 
 def _api(url: str, method: str, body: Any = None, api_key: str | None = None) -> tuple[int, Any]:
+    """(status, JSON answer) of a replayer API call; CliError (exit 2) when the URL is malformed, the
+    replayer cannot be reached, or it answers 2xx with something that is not JSON."""
+    import http.client
     import urllib.error
     import urllib.request
 
+    replayer = url.split("/v1/")[0]
     data = json.dumps(body).encode() if body is not None else None
     headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+            status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as err:
         try:
             return err.code, json.loads(err.read() or b"null")
-        except ValueError:
+        except (ValueError, RecursionError, OSError, http.client.HTTPException):
             return err.code, {"error": f"HTTP {err.code}"}
-    except (urllib.error.URLError, OSError) as err:
-        raise CliError(f"cannot reach the replayer at {url.split('/v1/')[0]}: {type(err).__name__}") from None
+    except UnicodeError:  # not shown: it would quote a character of the API key
+        raise CliError("the API key and the replayer URL must be ASCII text") from None
+    except (ValueError, http.client.InvalidURL) as err:  # a malformed URL: `notaurl`, `http://[x`, `http://h:abc`
+        raise CliError(f"invalid replayer URL {replayer!r}: {err}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise CliError(f"cannot reach the replayer at {replayer}: {type(err).__name__}") from None
+    try:
+        return status, json.loads(raw or b"null")
+    except (ValueError, RecursionError):
+        raise CliError(f"the replayer at {replayer} answered HTTP {status} with something that is not JSON") from None
+
+
+def _run_wrapper(argv: list[str], env: dict[str, str], stdout: Any) -> int:
+    """Run the `tracetape run` wrapper to its end and return its exit status (a shell's 128 + N for a death by
+    signal N). Ctrl-C does not cut this short: the terminal sends SIGINT to the whole foreground process group,
+    so the wrapper has it too and handles it (passes it on to CMD, records the run `cancelled`), and CMD's own
+    cleanup may take a while; killing the wrapper would leave the replay run `running` forever. So SIGINT is
+    held off (a no-op handler, which the child does not inherit, unlike SIG_IGN) while the wrapper runs."""
+    installed = False
+    try:
+        previous = signal.signal(signal.SIGINT, _ignore_signal)
+        installed = True
+    except (ValueError, OSError):  # not the main thread: KeyboardInterrupt cannot reach us here anyway
+        previous = None
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=stdout)
+        while True:
+            try:
+                returncode = proc.wait()
+                break
+            except KeyboardInterrupt:  # a SIGINT that arrived before the handler was set up
+                continue
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    return None
 
 
 def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[str]) -> int:
@@ -251,11 +294,7 @@ def _replay_command(args: argparse.Namespace, run_rec: RunRecord, command: list[
         })
         keys.check_id(new_run, "run id")
         argv = [sys.executable, "-m", "tracetape.cli", "run", "--run-id", new_run, "--", *command]
-        try:
-            proc = subprocess.run(argv, env=env, stdout=sys.stderr if args.json else None)
-            code = proc.returncode
-        except KeyboardInterrupt:
-            code = 130
+        code = _run_wrapper(argv, env, stdout=sys.stderr if args.json else None)
         _, report = _api(f"{base}/v1/replay/sessions/{session['session_id']}", "DELETE", api_key=api_key)
     finally:
         if thread is not None:

@@ -13,7 +13,8 @@ from tracetape.instrumentation import contract
 
 def body_value(body: bytes, content_encoding: str = "", streamed: bool = False) -> Any:
     """The JSON value of a response body: parsed JSON, an SSE stream as the list of its parsed events,
-    else the text (or `{"$bytes": len}` when not UTF-8)."""
+    else the text (or `{"$bytes": len}` when not UTF-8). JSON nested too deep to parse counts as text. Never
+    raises."""
     try:
         data = genai.decode_content(body, content_encoding)
     except Exception:
@@ -23,12 +24,12 @@ def body_value(body: bytes, content_encoding: str = "", streamed: bool = False) 
         for payload in genai.sse_data(data):
             try:
                 out.append(json.loads(payload))
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
                 out.append(payload.decode("utf-8", "replace"))
         return out
     try:
         return json.loads(data) if data else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes: the text
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:

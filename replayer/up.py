@@ -2,12 +2,15 @@
 and the replayer in one process, sharing one Store (LMDB allows one environment per path per process). The
 replayer records the replays it serves to this collector's own OTLP/HTTP receiver. Stops on SIGINT/SIGTERM.
 With the collector config's `tracetape_auth` extension enabled, the replayer requires the same API keys.
+Prints the collector's start line, then `tracetape replayer: listening on URL`; with `--json`, stdout gets one
+JSON line only: the collector's start object with `"replayer": URL` added (the text line goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
@@ -37,8 +40,12 @@ async def _main(args: argparse.Namespace) -> int:
                                    profiles=build_profiles(args.upstream, args.profiles), collector=endpoint,
                                    authenticator=config.authenticator)
         await replayer.start()
-        print(collector_service.start_line(collector, bool(getattr(args, "json", False))), flush=True)
-        print(f"tracetape replayer: listening on {replayer.url}", flush=True)
+        if getattr(args, "json", False):  # stdout: one JSON line, the replayer's URL included
+            print(json.dumps({**collector.describe(), "replayer": replayer.url}), flush=True)
+            print(f"tracetape replayer: listening on {replayer.url}", file=sys.stderr, flush=True)
+        else:
+            print(collector_service.start_line(collector), flush=True)
+            print(f"tracetape replayer: listening on {replayer.url}", flush=True)
         await stop.wait()
     finally:
         if replayer is not None:

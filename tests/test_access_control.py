@@ -697,3 +697,18 @@ def test_keys_hash_reads_the_key_on_stdin_and_never_prints_it() -> None:
     empty = subprocess.run([sys.executable, "-m", "tracetape.cli", "keys", "hash"], input="", capture_output=True,
                            text=True, timeout=60)
     assert empty.returncode == 2 and "no key on standard input" in empty.stderr
+
+
+def test_keys_hash_refuses_a_key_that_is_not_utf8_text_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    for extra, env in (([], {}), (["--json"], {}), ([], {"PYTHONIOENCODING": "utf-8:strict"})):
+        out = subprocess.run([sys.executable, "-m", "tracetape.cli", "keys", "hash", *extra],
+                             input=b"tt-secret-\xff-0123456789\n", capture_output=True, timeout=60,
+                             env={**os.environ, **env})
+        assert out.returncode == 2 and b"Traceback" not in out.stderr, out.stderr
+        message = json.loads(out.stdout)["error"] if extra else out.stderr.decode()
+        assert "not UTF-8 text" in message and len(message.splitlines()) == 1, (out.stdout, out.stderr)
+        assert not extra or not out.stderr
+        assert b"tt-secret" not in out.stdout + out.stderr and b"\xff" not in out.stdout + out.stderr

@@ -54,3 +54,26 @@ def test_up_records_and_replays_on_one_store_and_stops_on_sigterm(tmp_path: Path
         up.send_signal(signal.SIGTERM)
         code = up.wait(30)
     assert code == 0
+
+
+def test_up_json_prints_json_only_on_stdout_with_the_replayer_url(tmp_path: Path) -> None:
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tracetape.cli", "up", "--data", str(tmp_path / "data"),
+         "--http-port", "0", "--grpc-port", "0", "--port", "0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert up.stdout is not None
+        start = json.loads(up.stdout.readline())
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", start["replayer"]) and start["http"], start
+        try:  # the URL is the replayer's: it answers its API (an unknown run is refused, not a 5xx)
+            status = _post_json(f"{start['replayer']}/v1/replay/sessions", {"run_id": "nope", "mode": "exact"})[0]
+        except urllib.error.HTTPError as err:
+            status = err.code
+        assert 400 <= status < 500, status
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, err_text = up.communicate(timeout=30)
+    assert up.returncode == 0, err_text
+    assert all(json.loads(line) is not None for line in rest.splitlines()), rest  # nothing but JSON on stdout
+    assert "Traceback" not in err_text

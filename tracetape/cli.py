@@ -3,7 +3,9 @@
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int` (the exit status);
 `args.after_dashdash` is the argv after the first `--` (None without one), for commands that run a command. A
 `CliError` raised by a subcommand becomes one line on stderr (`tracetape: ...`) and exit status 2, or its
-own `exit_code`; with `--json` the same message is printed as `{"error": ...}` on stdout.
+own `exit_code`; with `--json` the same message is printed as `{"error": ...}` on stdout. A reader that
+closes stdout early (`tracetape show RUN | head -1`) ends the command quietly with status 141 (128 + SIGPIPE,
+what a shell reports for a command killed by a broken pipe), nothing on stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +43,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at the null device, so flushing what is still buffered (at exit, too)
+    cannot fail again on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # flush here, where a broken pipe can still be caught, not at interpreter exit
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): not an error of this command
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if not args_in or args_in[0] in ("-h", "--help", "help"):
         print(_usage())
