@@ -14,13 +14,12 @@ import argparse
 import difflib
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 from tracetape.collector.records import AttemptRecord, RunRecord, StepRecord
 from tracetape.collector.store import Store
 from tracetape.instrumentation import contract
 from tracetape.replayer import jsondiff, responses
-from tracetape.replayer.envelopes import envelope_diff, recorded_envelope
+from tracetape.replayer.envelopes import envelope_diff, recorded_envelope, url_parts
 from tracetape.replayer.runref import add_store_arguments, open_store, resolve_run
 
 MAX_CHANGES = 50
@@ -37,15 +36,7 @@ def _route(step: StepRecord) -> str:
     if step.kind == contract.STEP_KIND_TOOL:
         return f"tool:{step.tool_name}"
     a = step.attempts[0] if step.attempts else None
-    return f"{step.kind}:{a.method if a else ''}:{contract.normalize_path(_url_path(a.url)) if a else ''}"
-
-
-def _url_path(url: str) -> str:
-    """The path of a recorded URL; the whole URL when it does not parse (`http://[::1/x`)."""
-    try:
-        return urlsplit(url).path
-    except ValueError:
-        return url
+    return f"{step.kind}:{a.method if a else ''}:{contract.normalize_path(url_parts(a.url)[0]) if a else ''}"
 
 
 def _blob(store: Store, run: RunRecord, ref: Any) -> bytes:

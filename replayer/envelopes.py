@@ -29,13 +29,18 @@ def recorded_envelope(attempt: AttemptRecord, body: bytes) -> dict[str, Any]:
 
 
 def recorded_request_envelope(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> dict[str, Any]:
-    """`recorded_envelope` from the attempt's stored parts. A URL that does not parse (`http://[::1/x`)
-    is taken whole as the path, with no query."""
+    """`recorded_envelope` from the attempt's stored parts."""
+    path, query = url_parts(url)
+    return contract.http_envelope(method or "GET", path, query, headers, body)
+
+
+def url_parts(url: str) -> tuple[str, str]:
+    """(path, raw query) of a recorded URL; a URL that does not parse (`http://[::1/x`) is all path, no query."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return contract.http_envelope(method or "GET", url, "", headers, body)
-    return contract.http_envelope(method or "GET", parts.path, parts.query, headers, body)
+        return url, ""
+    return parts.path, parts.query
 
 
 def received_envelope(method: str, path: str, query: str, headers: list[tuple[str, str]],

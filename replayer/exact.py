@@ -33,10 +33,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from tracetape.collector.records import AttemptRecord, RunRecord, StepRecord
 from tracetape.instrumentation import contract, redaction
+from tracetape.replayer.envelopes import url_parts
 
 ExactKey = tuple[bytes, str, str, str, tuple[tuple[str, str], ...]]
 """(body sha256, METHOD, normalised path, raw query, semantic headers)."""
@@ -81,9 +81,9 @@ def key_of(body_digest: bytes, method: str, path: str, query: str,
 
 def attempt_key(attempt: AttemptRecord) -> ExactKey:
     """The key of a recorded HTTP attempt, from its step record alone."""
-    parts = urlsplit(attempt.url)
+    path, query = url_parts(attempt.url)
     body = attempt.request_body.digest if attempt.request_body is not None else EMPTY_DIGEST
-    return (body, (attempt.method or "GET").upper(), contract.normalize_path(parts.path), parts.query,
+    return (body, (attempt.method or "GET").upper(), contract.normalize_path(path), query,
             semantic_headers(attempt.request_headers))
 
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from tracetape.instrumentation import contract, redaction
-from tracetape.replayer.envelopes import envelope_diff, recorded_request_envelope
+from tracetape.replayer.envelopes import envelope_diff, recorded_request_envelope, url_parts
 from tracetape.replayer.matching import EXHAUSTED, Claim
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ class Comparison:
 def _head(session: ReplaySession, index: int) -> tuple[str, str]:
     """(method, path) of a recorded step's envelope, without its body."""
     attempt = session.steps[index].attempts[0]
-    path = contract.normalize_path(redaction.redact_text(urlsplit(attempt.url).path))
+    path = contract.normalize_path(redaction.redact_text(url_parts(attempt.url)[0]))
     return (attempt.method or "GET").upper(), path
 
 

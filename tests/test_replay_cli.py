@@ -285,6 +285,10 @@ def test_unusual_recorded_payloads_do_not_break_diff_replay_and_step(
         out = cli("replay", run_id, "--verify-envelope", str(envelope), "--json", data=hostile)
         _no_traceback(out)
         assert out.returncode == 1 and json.loads(out.stdout)["verified"] is False
+    out = cli("replay", "badurl", "--json", "--data", str(hostile), "--", sys.executable, "-c", "pass",
+              data=hostile)  # a replay session opens on it (its exact index, its miss diagnostics)
+    _no_traceback(out)
+    assert out.returncode == 0, out.stderr
 
 
 def test_recorded_request_envelope_takes_an_unparsable_url_whole_as_the_path() -> None:
