@@ -13,13 +13,18 @@ Runs inside the agent, so it uses only the standard library (urllib). Contract:
   the tape has no answer, `ToolReplayMiss` is raised.
 - Fail-closed: a miss in exact mode raises `ToolReplayMiss` (the 409 diagnostics in `.details`); a replayer
   that cannot be reached raises `ToolReplayError`. Neither ever runs the tool.
-- A recorded exception is re-raised as its own class when that class is a builtin exception or is defined in
-  a module already imported and can be built from one message; otherwise as `RecordedToolError` carrying
-  the recorded `error_type` and message.
+- A recorded exception is re-raised as its own class when that class is a builtin exception (any
+  `BaseException`) or is defined in a module already imported and can be built from one message, with the
+  recorded message as its `str()` (`KeyError('Rome')` recorded as `'Rome'` is rebuilt from the literal);
+  otherwise as `RecordedToolError` carrying the recorded `error_type` and message.
+- A recorded cancellation (`asyncio.CancelledError`: the caller's timeout, or another task, cancelled the
+  call) is `ReplayedCancellation`: an async tool waits as the recorded call did (up to its recorded duration
+  plus `CANCEL_GRACE_S`), so whatever cancelled it cancels the wait the same way, then ends cancelled.
 """
 
 from __future__ import annotations
 
+import ast
 import builtins
 import json
 import sys
@@ -31,6 +36,8 @@ from typing import Any
 from tracetape.instrumentation import runtime
 
 TIMEOUT_S = 30.0
+CANCEL_GRACE_S = 1.0
+CANCELLED = "asyncio.exceptions.CancelledError"
 
 
 class ToolReplayError(RuntimeError):
@@ -54,6 +61,14 @@ class RecordedToolError(Exception):
         self.recorded_message = message
 
 
+class ReplayedCancellation(BaseException):
+    """The recorded call was cancelled after `seconds` (see module doc); async callers wait, then cancel."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 @dataclass(frozen=True)
 class ToolAnswer:
     """The recorded outcome of one tool call."""
@@ -66,9 +81,13 @@ class ToolAnswer:
     suppressed_mutation: bool = False
     replayed_from: str = ""
     """The recorded attempt's `{trace id hex}-{span id hex}` (`contract.REPLAYED_FROM_HEADER` format)."""
+    duration_s: float = 0.0
 
     def value(self) -> Any:
-        """The recorded result (JSON value), or raise the recorded exception."""
+        """The recorded result (JSON value), or raise the recorded exception (`ReplayedCancellation` for a
+        recorded cancellation)."""
+        if self.error_type == CANCELLED:
+            raise ReplayedCancellation(self.duration_s)
         if self.error_type:
             raise rebuild_exception(self.error_type, self.error_message)
         return self.result
@@ -84,11 +103,19 @@ def rebuild_exception(error_type: str, message: str) -> BaseException:
         cls = sys.modules[module]
         for part in qualname.split("."):
             cls = getattr(cls, part, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if isinstance(cls, type) and issubclass(cls, BaseException):
         try:
-            return cls(message)
+            exc = cls(message)
         except Exception:
-            pass
+            return RecordedToolError(error_type, message)
+        if str(exc) != message:  # a class whose str() is not its argument: KeyError('Rome') says 'Rome'
+            try:
+                literal = cls(ast.literal_eval(message))
+                if str(literal) == message:
+                    return literal
+            except Exception:
+                pass
+        return exc
     return RecordedToolError(error_type, message)
 
 
@@ -126,4 +153,12 @@ def answer_tool(ctx: runtime.RunContext, name: str, envelope_hash: str, mutating
     return ToolAnswer(name=name, step=int(body.get("step", -1)), result=body.get("result"),
                       error_type=str(body.get("error_type") or ""), error_message=str(body.get("error_message") or ""),
                       suppressed_mutation=bool(body.get("suppressed_mutation")),
-                      replayed_from=str(body.get("replayed_from") or ""))
+                      replayed_from=str(body.get("replayed_from") or ""),
+                      duration_s=_seconds(body.get("duration_ms")))
+
+
+def _seconds(duration_ms: Any) -> float:
+    """A recorded duration in seconds, within 0 and an hour."""
+    if isinstance(duration_ms, bool) or not isinstance(duration_ms, (int, float)) or duration_ms != duration_ms:
+        return 0.0
+    return min(max(0.0, float(duration_ms)) / 1000, 3600.0)

@@ -29,19 +29,20 @@ the function, and recorded on this run's step like a live result; `NOT_REPLAYED`
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 import msgspec
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tracetape.instrumentation import contract, ids, redaction, runtime
+from tracetape.instrumentation import contract, ids, redaction, runtime, tool_replay
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -94,8 +95,6 @@ def _replayed_result(
     tool's span (`TOOL_REPLAYED`, a link to the recorded call, and for a mutating tool
     `TOOL_MUTATION_SUPPRESSED` plus an event), so the replay's trace shows what did not run.
     """
-    from tracetape.instrumentation import tool_replay
-
     answer = tool_replay.answer_tool(ctx, name, envelope_hash, mutating)
     if answer is None:
         return NOT_REPLAYED
@@ -172,9 +171,27 @@ class _Step:
             return NOT_REPLAYED
         try:
             return _replayed_result(self._ctx, self._name, self.envelope_hash, self._mutating, self.span)
+        except tool_replay.ReplayedCancellation:
+            raise  # the caller reproduces it: `cancelled_as_recorded` (async) or `cancelled_now` (sync)
         except BaseException as exc:
             self.fail(exc)
             raise
+
+    async def cancelled_as_recorded(self, seconds: float) -> NoReturn:
+        """A recorded cancellation, in an async call: wait as the recorded call did (whatever cancelled it then,
+        the caller's timeout or another task, cancels this wait now), then end cancelled either way."""
+        try:
+            await asyncio.sleep(seconds + tool_replay.CANCEL_GRACE_S)
+        except asyncio.CancelledError as exc:
+            self.fail(exc)
+            raise
+        self.cancelled_now()
+
+    def cancelled_now(self) -> NoReturn:
+        """A recorded cancellation with nothing left to wait for (a sync call): end cancelled, raise it."""
+        exc = asyncio.CancelledError()
+        self.fail(exc)
+        raise exc
 
     def _detach(self) -> None:
         try:
@@ -274,12 +291,22 @@ class ToolCall:
         self._has_result = True
 
     def __enter__(self) -> ToolCall:
-        step = _start(self.name, self.arguments, mutating=self.mutating, call_id=self.call_id, source=self._source)
+        step = self._start()
+        replayed = NOT_REPLAYED
         if step is not None:
-            replayed = step.replay()  # raises the recorded exception (or a miss): the body never runs
-            if replayed is not NOT_REPLAYED:
-                self.set_result(replayed)
-                self.replayed = True
+            try:
+                replayed = step.replay()  # raises the recorded exception (or a miss): the body never runs
+            except tool_replay.ReplayedCancellation:
+                step.cancelled_now()
+        return self._opened(step, replayed)
+
+    def _start(self) -> _Step | None:
+        return _start(self.name, self.arguments, mutating=self.mutating, call_id=self.call_id, source=self._source)
+
+    def _opened(self, step: _Step | None, replayed: Any) -> ToolCall:
+        if replayed is not NOT_REPLAYED:
+            self.set_result(replayed)
+            self.replayed = True
         self._step = step
         return self
 
@@ -298,7 +325,14 @@ class ToolCall:
             step.succeed(self.result, has_result=self._has_result)
 
     async def __aenter__(self) -> ToolCall:
-        return self.__enter__()
+        step = self._start()
+        replayed = NOT_REPLAYED
+        if step is not None:
+            try:
+                replayed = step.replay()
+            except tool_replay.ReplayedCancellation as cancelled:
+                await step.cancelled_as_recorded(cancelled.seconds)
+        return self._opened(step, replayed)
 
     async def __aexit__(
         self,
@@ -399,7 +433,10 @@ def tool(
                 step = start(args, kwargs)
                 if step is None:
                     return await fn(*args, **kwargs)
-                replayed = step.replay()
+                try:
+                    replayed = step.replay()
+                except tool_replay.ReplayedCancellation as cancelled:
+                    await step.cancelled_as_recorded(cancelled.seconds)
                 if replayed is not NOT_REPLAYED:
                     step.succeed(replayed)
                     return replayed
@@ -418,7 +455,10 @@ def tool(
             step = start(args, kwargs)
             if step is None:
                 return fn(*args, **kwargs)
-            replayed = step.replay()
+            try:
+                replayed = step.replay()
+            except tool_replay.ReplayedCancellation:
+                step.cancelled_now()
             if replayed is not NOT_REPLAYED:
                 step.succeed(replayed)
                 return replayed
@@ -456,7 +496,10 @@ async def record_async_call(
     step = _start(name, arguments, mutating=mutating, call_id=call_id, source=source)
     if step is None:
         return await call()
-    replayed = step.replay()
+    try:
+        replayed = step.replay()
+    except tool_replay.ReplayedCancellation as cancelled:
+        await step.cancelled_as_recorded(cancelled.seconds)
     if replayed is not NOT_REPLAYED:
         step.succeed(replayed)
         return result_from_json(replayed) if result_from_json is not None else replayed

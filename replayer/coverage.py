@@ -59,8 +59,11 @@ class Coverage:
             self.counts["suppressed_mutations"] += 1
             self._event("suppressed_mutations", {"tool": name, "step": step_index})
 
-    def tool_live(self) -> None:
+    def tool_live(self, step_index: int | None = None, attempt_pos: int | None = None) -> None:
+        """A tool call that ran live; when it matched the tape, the recorded attempt counts as used."""
         self.counts["tools_live"] += 1
+        if step_index is not None and attempt_pos is not None:
+            self._use(step_index, attempt_pos)
 
     def live(self, event: dict[str, Any], step_index: int | None = None, attempt_pos: int | None = None) -> None:
         """A call forwarded upstream; when it matched the tape, the recorded attempt counts as used."""

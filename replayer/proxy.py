@@ -319,8 +319,9 @@ async def handle_tool(request: web.Request) -> web.Response:
         "*" in session.options.allow_mutations)
     mode = session.options.mode
     claim = session.index.claim(env_hash)
+    hit = claim.slot if claim.kind == HIT else None
     if mutating and allowed:
-        session.coverage.tool_live()
+        session.coverage.tool_live(*(hit or (None, None)))
         return web.json_response({"action": "run", "reason": "mutation_allowed"})
     if claim.kind == HIT and claim.slot is not None:
         slot = claim.slot
@@ -339,7 +340,8 @@ async def handle_tool(request: web.Request) -> web.Response:
                 "action": "answer", "step": slot.step_index, "result": result,
                 "error_type": attempt.error_type, "error_message": attempt.error_message,
                 "suppressed_mutation": mutating,
-                "replayed_from": f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}"})
+                "replayed_from": f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}",
+                "duration_ms": attempt.duration_ms})
     if mode == MODE_EXACT or mutating:
         expected = next((i for i, s in enumerate(session.steps)
                          if s.kind == contract.STEP_KIND_TOOL and s.tool_name == name
@@ -351,9 +353,10 @@ async def handle_tool(request: web.Request) -> web.Response:
                     "envelope_hash": session.steps[expected].envelope_hash},
                 "hint": ("a mutating tool never runs during replay unless allowed (--allow-mutations NAME)"
                          if mutating else "the tool's arguments differ from the recording")}
-        session.coverage.miss({k: body[k] for k in ("error", "tool", "expected_step", "received_envelope_hash")})
+        event = {k: body[k] for k in ("error", "tool", "expected_step", "received_envelope_hash")}
+        (session.coverage.miss if claim.kind == MISS else session.coverage.exhausted)(event)
         return web.json_response(body, status=409, headers=NO_RETRY)
-    session.coverage.tool_live()
+    session.coverage.tool_live(*(hit or (None, None)))
     if claim.kind != HIT:
         session.coverage.divergence({"error": "tool_miss", "tool": name, "received_envelope_hash": env_hash})
         session.mark_diverged()

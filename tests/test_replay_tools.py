@@ -3,10 +3,12 @@ tools suppressed unless allowed. Recorded with the real `@tracetape.tool` decora
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 
 import tracetape
 from tests.replay_support import api, open_session, recording, start_replayer
@@ -96,3 +98,79 @@ def test_recorded_exceptions_are_rebuilt() -> None:
     assert isinstance(tool_replay.rebuild_exception("json.decoder.JSONDecodeError", "m"), tool_replay.RecordedToolError)
     err = tool_replay.rebuild_exception("nowhere.Custom", "boom")
     assert isinstance(err, tool_replay.RecordedToolError) and err.error_type == "nowhere.Custom"
+
+
+def test_recorded_exceptions_keep_their_class_and_message() -> None:
+    """`str(KeyError('Rome'))` is `'Rome'`, quotes and all: the rebuilt exception says the same, with the same
+    args; builtin `BaseException`s (not only `Exception`s) come back as themselves."""
+    err = tool_replay.rebuild_exception("KeyError", str(KeyError("Rome")))
+    assert type(err) is KeyError and err.args == ("Rome",) and str(err) == "'Rome'"
+    assert str(tool_replay.rebuild_exception("ValueError", "bad x 3")) == "bad x 3"
+    assert type(tool_replay.rebuild_exception("KeyboardInterrupt", "")) is KeyboardInterrupt
+    assert type(tool_replay.rebuild_exception("SystemExit", "2")) is SystemExit
+
+
+@tracetape.tool
+async def slow(q: str) -> str:
+    calls.append(f"slow {q}")
+    await asyncio.sleep(5)
+    return q
+
+
+def test_a_cancelled_tool_replays_as_the_cancellation_it_was(store: Store) -> None:
+    """Recorded: the agent's own timeout cancelled the tool (`CancelledError` on the step) and the agent carried
+    on. Replayed: the tool does not run, the call waits as it did, and the same timeout cancels it again, so the
+    agent carries on the same way (it used to get the recorded CancelledError at once, and crash)."""
+
+    async def agent() -> str:
+        try:
+            return await asyncio.wait_for(slow("x"), 0.2)
+        except asyncio.TimeoutError:
+            return "timed out, carrying on"
+
+    with recording(store, "run-cancel"):
+        assert asyncio.run(agent()) == "timed out, carrying on"
+    step = store.steps("default", "default", "run-cancel")[0]
+    assert step.attempts[0].error_type == tool_replay.CANCELLED
+    calls.clear()
+    with Standin() as standin:
+        replayer = start_replayer(store, standin)
+        try:
+            session = open_session(replayer, "run-cancel")
+            runtime.activate(_ctx(session), trace.get_tracer("replay-test"))
+            try:
+                assert asyncio.run(agent()) == "timed out, carrying on"
+            finally:
+                runtime.deactivate()
+            assert calls == []
+            _, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}")
+            assert report["counts"]["tools_answered"] == 1 and report["unused_steps"] == []
+        finally:
+            replayer.stop()
+
+
+def test_tool_coverage_counts_as_http_coverage_does(store: Store) -> None:
+    """A tool called once more than recorded is `exhausted` (not a miss); a tool that matched the tape and ran
+    live (step mode past `until_step`, an allowed mutation) counts its recorded step as used."""
+    with recording(store, "run-cov"):
+        lookup("Paris")
+        send_email("a@example.com")
+    h = lambda name, args: tool_request(name, args)[1]  # noqa: E731
+    with Standin() as standin:
+        replayer = start_replayer(store, standin)
+        try:
+            exact = open_session(replayer, "run-cov")
+            assert tool_replay.answer_tool(_ctx(exact), "lookup", h("lookup", {"city": "Paris"}), False) is not None
+            with pytest.raises(tool_replay.ToolReplayMiss):
+                tool_replay.answer_tool(_ctx(exact), "lookup", h("lookup", {"city": "Paris"}), False)
+            _, report = api(f"{replayer.url}/v1/replay/sessions/{exact['session_id']}")
+            assert (report["counts"].get("exhausted"), report["counts"].get("misses", 0)) == (1, 0)
+
+            live = open_session(replayer, "run-cov", mode="step", until_step=0)
+            ctx = _ctx(live, frozenset({"send_email"}))
+            assert tool_replay.answer_tool(ctx, "lookup", h("lookup", {"city": "Paris"}), False) is None
+            assert tool_replay.answer_tool(ctx, "send_email", h("send_email", {"to": "a@example.com"}), True) is None
+            _, report = api(f"{replayer.url}/v1/replay/sessions/{live['session_id']}")
+            assert report["counts"]["tools_live"] == 2 and report["unused_steps"] == []
+        finally:
+            replayer.stop()
