@@ -72,6 +72,8 @@ MAX_RECV_MSG_SIZE_MIB = (2**31 - 1) // 2**20
 DEFAULT_MAX_REQUEST_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_ATTRIBUTE_BYTES = 16 * 1024
 DEFAULT_STORE_PATH = ".tracetape/data"
+DATA_ENV = "TRACETAPE_DATA"
+"""The store directory when the config names none (`${TRACETAPE_DATA}`, else `DEFAULT_STORE_PATH`)."""
 DEFAULT_MAP_SIZE = 8 * 1024**3
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024**2
 DEFAULT_INGEST_PROCESSES = 0
@@ -374,7 +376,8 @@ def parse(
         cid: _parse_slim(cid, body) for cid, body in _components(root, "processors", PROCESSOR_TYPES)
     }
     exporters = {
-        cid: _parse_exporter(cid, body) for cid, body in _components(root, "exporters", EXPORTER_TYPES)
+        cid: _parse_exporter(cid, body, env.get(DATA_ENV) or DEFAULT_STORE_PATH)
+        for cid, body in _components(root, "exporters", EXPORTER_TYPES)
     }
     extensions = dict(_components(root, "extensions", EXTENSION_TYPES))  # only tracetape_auth exists
     for _cid, _body in _components(root, "connectors", ()):
@@ -507,13 +510,13 @@ def _parse_slim(cid: str, body: Any) -> SlimProcessor:
     return SlimProcessor(cid, cap)
 
 
-def _parse_exporter(cid: str, body: Any) -> StoreExporter | OtlpExporter:
+def _parse_exporter(cid: str, body: Any, default_store: str) -> StoreExporter | OtlpExporter:
     ctype = component_type(cid)
     path = f"exporters.{cid}"
     body = _mapping(body, path)
     if ctype == STORE_TYPE:
         _check_keys(body, ("path", "map_size", "max_pending_bytes", "ingest_processes"), path)
-        store_path = body.get("path", DEFAULT_STORE_PATH)
+        store_path = body.get("path", default_store)
         if not isinstance(store_path, str) or not store_path.strip():
             raise ConfigError(f"{path}.path: expected a directory path")
         if "\0" in store_path:

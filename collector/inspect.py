@@ -16,12 +16,11 @@ from typing import Any
 import msgspec
 
 from tracetape.collector import keys, records
-from tracetape.collector.config import DEFAULT_STORE_PATH
+from tracetape.collector.config import DATA_ENV, DEFAULT_STORE_PATH
 from tracetape.collector.records import RunRecord, StepRecord
 from tracetape.collector.store import Store, StoreError
 from tracetape.errors import CliError
 
-DATA_ENV = "TRACETAPE_DATA"
 
 
 def default_data_dir() -> str:

@@ -50,7 +50,7 @@ _SECRET_HEADER_NAME = re.compile(r"(?:.*[-_])?(?:api[-_]?key|apikey|key|token|se
 _NOT_SECRET_HEADERS = frozenset({"idempotency-key", "sec-websocket-key", "sec-websocket-accept"})
 _header_verdicts: dict[str, bool] = {}
 
-_SECRET_PARAM_NAMES = (r"(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+_SECRET_PARAM_NAMES = (r"(?:x[-_]amz[-_](?:signature|credential|security[-_]token)|x[-_]goog[-_](?:signature|credential)"
                        r"|(?:x[-_])?api[-_]?key|apikey|(?:access|auth|id|refresh|private|session)[-_]?token|token"
                        r"|key|auth|(?:client[-_]?)?secret|password|passwd|pwd|sig|signature|subscription[-_]?key)")
 _SECRET_PARAM_NAME = re.compile(_SECRET_PARAM_NAMES, re.IGNORECASE)

@@ -148,8 +148,8 @@ REPLAY_ENV = {
 
 
 def replay_lineage(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The run-span attributes that mark a replay run (empty for an original recording)."""
-    out: dict[str, Any] = {}
+    """The run-span attributes that mark a replay run; an original recording has only its lineage depth, 0."""
+    out: dict[str, Any] = {contract.RUN_LINEAGE_DEPTH: 0}
     for name, attribute in REPLAY_ENV.items():
         raw = environ.get(name, "").strip()
         if not raw:

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from tracetape.collector import service as collector_service
+from tracetape.collector.config import CollectorConfig
 from tracetape.replayer.profiles import build_profiles
 from tracetape.replayer.service import DEFAULT_HOST, DEFAULT_PORT, ReplayerService
 
@@ -27,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiles", default=None, metavar="FILE")
 
 
-async def _main(args: argparse.Namespace) -> int:
-    config = collector_service.load_config(args)
+async def _main(args: argparse.Namespace, config: CollectorConfig) -> int:
     stop = collector_service.stop_on_signals()
     collector = collector_service.CollectorService(config)
     await collector.start()
@@ -55,5 +55,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_main(args))
+    config = collector_service.load_config(args)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_main(args, config))

@@ -77,6 +77,15 @@ def test_defaults_without_a_file() -> None:
     assert cfg.SlimProcessor().max_attribute_bytes == 16384
 
 
+def test_the_store_is_tracetape_data_unless_the_config_names_one() -> None:
+    """The same default as `runs`, `show` and `replay`: `$TRACETAPE_DATA`, else `.tracetape/data`."""
+    assert cfg.parse({}, environ={}).store.path == ".tracetape/data"
+    assert cfg.parse({}, environ={"TRACETAPE_DATA": "/srv/tape"}).store.path == "/srv/tape"
+    named = {"receivers": {"otlp": None}, "exporters": {"tracetape": {"path": "/named"}},
+             "service": {"pipelines": {"traces": {"receivers": ["otlp"], "exporters": ["tracetape"]}}}}
+    assert cfg.parse(named, environ={"TRACETAPE_DATA": "/srv/tape"}).store.path == "/named"
+
+
 def test_protocols_left_out_are_disabled_and_empty_ones_take_defaults() -> None:
     conf = cfg.parse(minimal(receivers={"otlp": {"protocols": {"http": None}}}))
     (receiver,) = conf.storing_receivers

@@ -111,6 +111,9 @@ def test_credentials_are_known_by_their_names() -> None:
     assert redaction.redact_text(url) == (
         "https://h/v1/x?q=1&api_key=************&Access_Token=********&page_token=next&monkey=2&sig=*****")
     assert redaction.redact_text("run --password=hunter2 --tokenizer=x") == "run --password=******* --tokenizer=x"
+    for name in ("X-Amz-Signature", "x_amz_signature", "x-amz-security-token", "X_AMZ_SECURITY_TOKEN",
+                 "x-goog-credential", "X_GOOG_CREDENTIAL", "client_secret", "API-KEY", "subscription-key"):
+        assert redaction.is_secret_param(name), name
     assert contract.canonical_query("api_key=abc&q=1&KEY=&page_token=p") == [
         ["KEY", "***"], ["api_key", "***"], ["page_token", "p"], ["q", "1"]]
 

@@ -149,6 +149,8 @@ def test_forwarded_copies_are_slim_and_keep_genai(stack: RecordingStack, first_r
             break
         time.sleep(0.2)
     assert len(mine) == want
+    (run_span,) = [attributes(s) for _, s in mine if attributes(s).get(c.SPAN_KIND) == c.SPAN_KIND_RUN]
+    assert run_span[c.RUN_LINEAGE_DEPTH] == 0  # an original recording says so (a replay: the original's + 1)
     models = [attributes(s) for _, s in mine if attributes(s).get(c.STEP_KIND) == "model"]
     assert len(models) == MODEL_CALLS
     for a in models:

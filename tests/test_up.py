@@ -77,3 +77,42 @@ def test_up_json_prints_json_only_on_stdout_with_the_replayer_url(tmp_path: Path
     assert up.returncode == 0, err_text
     assert all(json.loads(line) is not None for line in rest.splitlines()), rest  # nothing but JSON on stdout
     assert "Traceback" not in err_text
+
+
+def _up_stderr(tmp_path: Path, level: str) -> str:
+    """`tracetape up` forwarding to a closed port, with `service.telemetry.logs.level: LEVEL`; one span sent."""
+    from tests.support.spans import Agent, chat_request
+
+    config = tmp_path / f"{level}.yaml"
+    config.write_text(json.dumps({
+        "receivers": {"otlp": {"protocols": {"http": {"endpoint": "127.0.0.1:0"}}}},
+        "exporters": {"tracetape": {"path": str(tmp_path / level)},
+                      "otlphttp/jaeger": {"endpoint": "http://127.0.0.1:9",
+                                          "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms"}}},
+        "service": {"pipelines": {"traces": {"receivers": ["otlp"], "exporters": ["tracetape"]},
+                                  "traces/fwd": {"receivers": ["otlp"], "exporters": ["otlphttp/jaeger"]}},
+                    "telemetry": {"logs": {"level": level}}}}))
+    up = subprocess.Popen([sys.executable, "-m", "tracetape.cli", "up", "--config", str(config), "--port", "0",
+                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert up.stdout is not None
+        start = json.loads(up.stdout.readline())
+        agent = Agent(run_id=f"run-{level}", tenant="default", scope="default")
+        agent.model_step(0, body=chat_request("hi"), response=b'{"id": "r"}')
+        request = urllib.request.Request(start["http"][0], data=agent.request().SerializeToString(), method="POST",
+                                         headers={"content-type": "application/x-protobuf"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
+        agent.shutdown()
+        time.sleep(1.5)  # forwarding attempts fail meanwhile
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err_text = up.communicate(timeout=30)
+    return err_text
+
+
+def test_up_logs_at_the_configured_level(tmp_path: Path) -> None:
+    """`service.telemetry.logs.level` governs `tracetape up` as it does `tracetape collector`."""
+    assert "cannot deliver" in _up_stderr(tmp_path, "warn")
+    quiet = _up_stderr(tmp_path, "error")
+    assert "cannot deliver" not in quiet and "WARNING" not in quiet, quiet
