@@ -357,8 +357,11 @@ class Store:
             if write.attempt.attempt == 0:  # the first attempt's view of the call wins
                 step.name, step.kind, step.envelope_hash = new.name, new.kind, new.envelope_hash
                 step.request_model, step.provider = new.request_model, new.provider
+            same = write.attempt.attempt, write.attempt.span_id
+            if any(a.attempt == same[0] and a.span_id != same[1] for a in step.attempts):
+                run.recording_errors += 1  # two spans claim one attempt: keep both, the tape lost track
             step.attempts = sorted(
-                [a for a in step.attempts if a.attempt != write.attempt.attempt] + [write.attempt],
+                [a for a in step.attempts if (a.attempt, a.span_id) != same] + [write.attempt],
                 key=lambda a: a.attempt,
             )
         if write.attempt.recording_error:

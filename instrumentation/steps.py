@@ -15,7 +15,9 @@ Contract of this module:
 - Credentials never reach the span: secret headers are dropped, bodies, URLs and error messages redacted
   (`redaction`), and the envelope is hashed from the redacted body (`contract.http_envelope`).
 - Retries are grouped: a request whose `x-stainless-retry-count` header is N > 0 joins the most recent step of
-  this process with the same envelope hash (same `STEP_ID`, `STEP_STARTED_NS`, `STEP_INDEX`), as attempt N.
+  this process with the same envelope hash whose attempt N is not taken yet (same `STEP_ID`,
+  `STEP_STARTED_NS`, `STEP_INDEX`), as attempt N; with none, it starts a step of its own. Identical calls
+  retried at once (two threads) so keep one step each.
 - `finish` is idempotent and thread-safe: the first call ends the span, every later call is a no-op. Spans
   are ended with `span.end()` only; no OTel context is attached or detached here.
 - The per-chunk path is two list appends and one `time.monotonic_ns()`; bodies are joined, redacted and
@@ -32,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -50,24 +52,37 @@ ANTHROPIC_SCOPE_PREFIX = "com.anthropic.sdk.python"
 """Instrumentation scope of the anthropic SDK's own call spans (`.bedrock` etc. for platform clients)."""
 
 _RECENT_STEPS_MAX = 512
+_RECENT_STEPS_PER_ENVELOPE = 16
 
 
 class _RecentSteps:
-    """A small bounded map: envelope hash -> (step id, started ns, step index) of the latest step."""
+    """A small bounded map: envelope hash -> its latest steps (oldest first, at most `per_key`), each
+    `(step id, started ns, step index)` with the attempt numbers it has taken so far."""
 
-    def __init__(self, maxlen: int = _RECENT_STEPS_MAX) -> None:
-        self._items: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
+    def __init__(self, maxlen: int = _RECENT_STEPS_MAX, per_key: int = _RECENT_STEPS_PER_ENVELOPE) -> None:
+        self._items: OrderedDict[str, deque[tuple[tuple[str, int, int], set[int]]]] = OrderedDict()
         self._maxlen = maxlen
+        self._per_key = per_key
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> tuple[str, int, int] | None:
+    def claim(self, key: str, attempt: int) -> tuple[str, int, int] | None:
+        """The latest step with this envelope whose attempt `attempt` is not taken yet, now taken; or None."""
         with self._lock:
-            return self._items.get(key)
+            for group, taken in reversed(self._items.get(key, ())):
+                if attempt not in taken:
+                    taken.add(attempt)
+                    return group
+        return None
 
-    def put(self, key: str, value: tuple[str, int, int]) -> None:
+    def put(self, key: str, value: tuple[str, int, int], attempt: int) -> None:
+        """Remember a new step whose first attempt seen (`attempt`: 0, or a retry that found no step) is taken."""
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
+            groups = self._items.get(key)
+            if groups is None:
+                groups = self._items[key] = deque(maxlen=self._per_key)
+            else:
+                self._items.move_to_end(key)
+            groups.append((value, {attempt}))
             if len(self._items) > self._maxlen:
                 self._items.popitem(last=False)
 
@@ -170,7 +185,7 @@ class _Capturer:
 
 def _capture_and_remember(request: _Request, group: tuple[str, int, int]) -> _Captured:
     captured = _capture(request)
-    _recent.put(captured.envelope_hash, group)
+    _recent.put(captured.envelope_hash, group, 0)  # only first attempts are captured here
     return captured
 
 
@@ -516,13 +531,14 @@ def _step_of(
     request: _Request, retry: int, started_ns: int
 ) -> tuple[_Captured | Future[_Captured], tuple[str, int, int]]:
     """The captured request (or its future, for a large body captured on the capture thread) and the step the
-    attempt belongs to, `(step id, started ns, index)`. A retry joins the latest step with the same envelope;
-    any other attempt starts a new step, remembered for its retries."""
+    attempt belongs to, `(step id, started ns, index)`. A retry N joins the latest step with the same envelope
+    whose attempt N is not taken yet (concurrent identical calls retried at once each keep their own); any
+    other attempt starts a new step, remembered for its retries."""
     captured: _Captured | None = None
     if retry > 0:
         _capturer.wait()  # the attempt it retries may still be being captured
         captured = _capture(request)
-        group = _recent.get(captured.envelope_hash)
+        group = _recent.claim(captured.envelope_hash, retry)
         if group is not None:
             return captured, group
     group = (ids.new_step_id(), started_ns, runtime.next_step_index())
@@ -532,7 +548,7 @@ def _step_of(
             if future is not None:
                 return future, group
         captured = _capture(request)
-    _recent.put(captured.envelope_hash, group)
+    _recent.put(captured.envelope_hash, group, retry)
     return captured, group
 
 

@@ -9,11 +9,13 @@ import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import anthropic
+import httpx2
 import openai
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -263,6 +265,54 @@ async def _round(http: aiohttp.ClientSession, base: str, same: bytes, diff_bodie
         if i is not None:
             diff_got[i] = r
     return same_got, diff_got
+
+
+def test_concurrent_identical_calls_retried_at_once_keep_every_attempt(
+        store: Store, standin: Standin, replayer: object) -> None:
+    """Two threads send the same call at once, both get a 429 and both SDK retries (attempt 1) succeed: the tape
+    holds two steps of [429, 200], and an exact replay serves all four requests from it."""
+    msgs = [{"role": "user", "content": "same call, twice at once"}]
+    both_limited = threading.Barrier(2, timeout=10)
+
+    def rate_limit_first_attempts(request: httpx2.Request) -> None:  # the stand-in's own 429-once is per body
+        if request.headers.get("x-stainless-retry-count") == "0":
+            request.headers["x-standin-fault"] = "429"
+
+    def retry_once_both_are_limited(response: httpx2.Response) -> None:
+        if response.status_code == 429:
+            both_limited.wait()
+
+    def concurrently(make_client: Callable[[], openai.OpenAI]) -> list[str]:
+        answers: list[str] = []
+
+        def call() -> None:
+            answer = make_client().chat.completions.create(model="gpt-x", messages=msgs)
+            answers.append(answer.choices[0].message.content)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return answers
+
+    with recording(store, "run-twice"):
+        hooks = {"request": [rate_limit_first_attempts], "response": [retry_once_both_are_limited]}
+        recorded = concurrently(lambda: _oai(standin.openai_base_url, max_retries=2,
+                                             http_client=openai.DefaultHttpxClient(event_hooks=hooks)))
+    assert len(recorded) == 2
+    assert [ex.status for ex in standin.wait(4)[-4:]] == [429, 429, 200, 200]
+    stored = store.steps("default", "default", "run-twice")
+    assert [[(a.attempt, a.status) for a in s.attempts] for s in stored] == [[(0, 429), (1, 200)]] * 2
+    assert store.run("default", "default", "run-twice").recording_errors == 0
+
+    before = standin.count
+    session = open_session(replayer, "run-twice", record=False)
+    replayed = concurrently(lambda: _oai(session["base_urls"]["openai"], max_retries=2))
+    assert sorted(replayed) == sorted(recorded)
+    assert standin.count == before
+    _, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    assert report["counts"]["tape"] == 4 and report["counts"]["exhausted"] == 0 and report["unused_attempts"] == 0
 
 
 def test_concurrent_identical_and_different_calls_fifty_rounds(store: Store, replayer: object) -> None:

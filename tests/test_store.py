@@ -102,6 +102,26 @@ def test_steps_are_ordered_by_start_and_attempts_merge(store: Store) -> None:
     assert (run.step_count, run.command) == (2, ["python", "agent.py"])
 
 
+def test_two_spans_claiming_one_attempt_are_both_kept_and_count_as_a_recording_error(store: Store) -> None:
+    agent = Agent()
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', b'{"error":"rate"}', attempt=0, status=429)
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', RESPONSE, attempt=1)
+    agent.run_span()
+    _write(store, agent.request())
+    agent.step("00000000000000a1", 1_000, b'{"q":1}', RESPONSE, attempt=1)  # another span, same attempt number
+    data = agent.request().SerializeToString()
+    _write(store, ExportTraceServiceRequest.FromString(data))
+    again = store.apply([ingest.prepare(ExportTraceServiceRequest.FromString(data), store)])[0]
+    assert (again.accepted, again.duplicates) == (0, 1)  # the exporter resending it changes nothing
+
+    (step,) = store.steps("acme", "prod", RUN)
+    assert [(a.attempt, a.status) for a in step.attempts] == [(0, 429), (1, 200), (1, 200)]
+    assert len({a.span_id for a in step.attempts}) == 3
+    run = store.run("acme", "prod", RUN)
+    assert run is not None and run.recording_errors == 1
+    assert (run.replayable, run.reason) == (False, records.REASON_RECORDING_FAILURE)
+
+
 def test_envelope_occurrences_follow_issue_order(store: Store) -> None:
     agent = Agent()
     env = c.envelope_hash(c.tool_envelope("t", {}))
