@@ -41,6 +41,11 @@ DEFAULT_MAP_SIZE = 256 << 20
 DEFAULT_MAX_MAP_SIZE = 1 << 40
 
 
+MAX_ATTEMPTS_PER_STEP = 64
+"""Attempts kept in one step record; more (spans claiming a step far past any SDK's retries) count as a
+recording error instead of growing the record, which every later attempt of the step rewrites."""
+
+
 class StoreError(Exception):
     """The store cannot be opened or used."""
 
@@ -354,6 +359,9 @@ class Store:
                 run.started_ns = new.started_ns
         else:
             step = records.decode_step(raw)
+            if len(step.attempts) >= MAX_ATTEMPTS_PER_STEP:  # far past any SDK's retries: a client that lost
+                run.recording_errors += 1  # track (or a hostile one); the record stays bounded, the run says so
+                return
             if write.attempt.attempt == 0:  # the first attempt's view of the call wins
                 step.name, step.kind, step.envelope_hash = new.name, new.kind, new.envelope_hash
                 step.request_model, step.provider = new.request_model, new.provider

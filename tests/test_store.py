@@ -122,6 +122,21 @@ def test_two_spans_claiming_one_attempt_are_both_kept_and_count_as_a_recording_e
     assert (run.replayable, run.reason) == (False, records.REASON_RECORDING_FAILURE)
 
 
+def test_a_step_keeps_a_bounded_number_of_attempts(store: Store) -> None:
+    """Spans claiming one step far past any SDK's retries (a client that lost track, or a hostile one): the step
+    record stops growing at `MAX_ATTEMPTS_PER_STEP` (every attempt rewrites it) and the run says so."""
+    from tracetape.collector.store import MAX_ATTEMPTS_PER_STEP
+
+    agent = Agent()
+    for _ in range(MAX_ATTEMPTS_PER_STEP + 6):
+        agent.step("00000000000000a2", 1_000, b'{"q":2}', RESPONSE, attempt=0)
+        _write(store, agent.request())  # one request (one merge) per span
+    (step,) = store.steps("acme", "prod", RUN)
+    assert len(step.attempts) == MAX_ATTEMPTS_PER_STEP
+    run = store.run("acme", "prod", RUN)
+    assert run is not None and run.recording_errors == MAX_ATTEMPTS_PER_STEP + 5 and not run.replayable
+
+
 def test_envelope_occurrences_follow_issue_order(store: Store) -> None:
     agent = Agent()
     env = c.envelope_hash(c.tool_envelope("t", {}))
