@@ -192,7 +192,12 @@ class StoreWriter:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[BatchResult] = loop.create_future()
             self._queue.put((batch, loop, fut))
-            result = await asyncio.shield(fut)
+            try:
+                result = await asyncio.shield(fut)
+            except asyncio.CancelledError:  # the caller is gone (a gRPC deadline); its batch is still queued:
+                held, reservation.nbytes = reservation.nbytes, 0  # its bytes stay held until the commit ends
+                fut.add_done_callback(lambda _: self._give(held))
+                raise
         finally:
             if own:
                 reservation.release()

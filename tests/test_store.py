@@ -9,6 +9,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,6 +268,49 @@ def test_writer_acknowledges_after_commit_and_pushes_back(store: Store) -> None:
         outcomes = await asyncio.gather(writer.submit(big.request()), writer.submit(big2.request()),
                                         return_exceptions=True)
         assert sum(isinstance(o, Overloaded) for o in outcomes) == 1
+        await writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_submit_keeps_its_bytes_held_until_its_batch_is_committed(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that goes away while its batch waits for a slow commit (a gRPC deadline cancels the handler):
+    the batch is still queued and committed, so its bytes stay in the budget until then, and only then."""
+    gate, committing = threading.Event(), threading.Event()
+    apply = store.apply
+
+    def slow_apply(*args: object, **kwargs: object) -> object:
+        committing.set()
+        gate.wait(30)  # the disk is slow
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(store, "apply", slow_apply)
+
+    async def scenario() -> None:
+        writer = StoreWriter(store, max_pending_bytes=1 << 20)
+        await writer.start()
+        agent = Agent(run_id="run-cancelled")
+        agent.step("00000000000000c1", 1_000, b'{"q": 1}', RESPONSE)
+        request = agent.request()
+        size = request.ByteSize()  # before `submit`: preparing moves the payloads out of the message
+        reservation = writer.reserve(size)
+        with reservation:
+            task = asyncio.create_task(writer.submit(request, reservation=reservation))
+            for _ in range(3000):  # until the writer is committing it
+                if committing.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert writer.pending_bytes == size  # queued, not committed: still held
+        gate.set()
+        for _ in range(500):
+            if writer.pending_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.pending_bytes == 0 and store.run("acme", "prod", "run-cancelled") is not None
         await writer.close()
 
     asyncio.run(scenario())
