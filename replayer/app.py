@@ -51,6 +51,10 @@ DEFAULT_CLIENT_MAX_SIZE = 64 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+DRAIN_S = 10.0
+"""How long a DELETE waits for the session's requests still being answered (a paced stream, a live call)."""
+
+
 def json_errors(handler: Handler) -> Handler:
     """`handler` with every error answered as JSON (see module doc). A wrapper per route rather than an aiohttp
     middleware: a middleware costs every request two more coroutines and a cache lookup."""
@@ -153,6 +157,7 @@ async def delete_session(request: web.Request) -> web.Response:
     _own_session(request, state, principal)
     session = state.sessions.remove(request.match_info["sid"])
     try:
+        await session.drain(DRAIN_S)  # answers still being sent end up in the replay run, before it ends
         if session.recorder is not None and state.recorder is not None:
             session.recorder.close()
             await asyncio.get_running_loop().run_in_executor(None, state.recorder.flush)  # exported when we answer

@@ -197,34 +197,38 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     info = request.match_info
     session = state.sessions.get(info["sid"])
-    profile = state.profile(info["profile"])
-    raw = await request.read()
-    encoding = request.headers.get("Content-Encoding")
-    body = (await _decoded(request, raw, encoding)) if encoding else raw
-    rq = Received(request, profile, raw, body, state.heavy)
-    exact = session.exact
-    env_hash = rq.exact_hash(exact) if exact is not None and not rq.heavy else None
-    if env_hash is None:
-        env_hash = await rq.match_hash(exact, want_redacted=session.recorder is not None)
-    claim = session.index.claim(env_hash)
-    options = session.options
-    mode = options.mode
-    slot = claim.slot
-    if slot is not None and mode != MODE_LIVE and claim.kind == HIT:
-        if mode == MODE_EXACT or session.route_step_mode(slot.step_index) == "tape":
-            index, pos = slot
-            prepared = session.served_headers(index, pos)
-            if prepared.whole and not options.pace and session.recorder is None:  # the common case, in one go
-                data = _tape_body(session, index, pos)
-                session.coverage.request_from_tape(index, pos)
-                return web.Response(status=prepared.status, headers=prepared.send, body=data)
-            return await _from_tape(request, session, rq, slot)
-    session.coverage.request()
-    if mode == MODE_LIVE:
-        return await _go_live(state, session, rq, slot if claim.kind == HIT else None)
-    if claim.kind == HIT and slot is not None:
-        return await _go_live(state, session, rq, slot)
-    return await _unmatched(state, session, rq, claim)
+    session.enter()  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
+    try:
+        profile = state.profile(info["profile"])
+        raw = await request.read()
+        encoding = request.headers.get("Content-Encoding")
+        body = (await _decoded(request, raw, encoding)) if encoding else raw
+        rq = Received(request, profile, raw, body, state.heavy)
+        exact = session.exact
+        env_hash = rq.exact_hash(exact) if exact is not None and not rq.heavy else None
+        if env_hash is None:
+            env_hash = await rq.match_hash(exact, want_redacted=session.recorder is not None)
+        claim = session.index.claim(env_hash)
+        options = session.options
+        mode = options.mode
+        slot = claim.slot
+        if slot is not None and mode != MODE_LIVE and claim.kind == HIT:
+            if mode == MODE_EXACT or session.route_step_mode(slot.step_index) == "tape":
+                index, pos = slot
+                prepared = session.served_headers(index, pos)
+                if prepared.whole and not options.pace and session.recorder is None:  # the common case, in one go
+                    data = _tape_body(session, index, pos)
+                    session.coverage.request_from_tape(index, pos)
+                    return web.Response(status=prepared.status, headers=prepared.send, body=data)
+                return await _from_tape(request, session, rq, slot)
+        session.coverage.request()
+        if mode == MODE_LIVE:
+            return await _go_live(state, session, rq, slot if claim.kind == HIT else None)
+        if claim.kind == HIT and slot is not None:
+            return await _go_live(state, session, rq, slot)
+        return await _unmatched(state, session, rq, claim)
+    finally:
+        session.leave()
 
 
 def _tape_body(session: ReplaySession, index: int, pos: int) -> bytes:
@@ -309,55 +313,59 @@ _decode_tool = msgspec.json.Decoder().decode
 async def handle_tool(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     session = state.sessions.get(request.match_info["sid"])
-    data = await read_json(request)
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(
-            data.get("envelope_hash"), str) or not _HEX64.fullmatch(data["envelope_hash"]):
-        raise ApiError(400, "bad_request", "give name (string) and envelope_hash (sha256 hex)")
-    name, env_hash = data["name"], data["envelope_hash"]
-    mutating = bool(data.get("mutating", False))
-    allowed = bool(data.get("allowed", False)) or name in session.options.allow_mutations or (
-        "*" in session.options.allow_mutations)
-    mode = session.options.mode
-    claim = session.index.claim(env_hash)
-    hit = claim.slot if claim.kind == HIT else None
-    if mutating and allowed:
+    session.enter()  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
+    try:
+        data = await read_json(request)
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(
+                data.get("envelope_hash"), str) or not _HEX64.fullmatch(data["envelope_hash"]):
+            raise ApiError(400, "bad_request", "give name (string) and envelope_hash (sha256 hex)")
+        name, env_hash = data["name"], data["envelope_hash"]
+        mutating = bool(data.get("mutating", False))
+        allowed = bool(data.get("allowed", False)) or name in session.options.allow_mutations or (
+            "*" in session.options.allow_mutations)
+        mode = session.options.mode
+        claim = session.index.claim(env_hash)
+        hit = claim.slot if claim.kind == HIT else None
+        if mutating and allowed:
+            session.coverage.tool_live(*(hit or (None, None)))
+            return web.json_response({"action": "run", "reason": "mutation_allowed"})
+        if claim.kind == HIT and claim.slot is not None:
+            slot = claim.slot
+            use_tape = mutating or mode == MODE_EXACT or (mode != MODE_LIVE and session.route_step_mode(slot.step_index) == "tape")
+            if use_tape:
+                step, attempt = session.attempt(slot.step_index, slot.attempt_pos)
+                raw = session.blob(attempt.tool_result)
+                try:
+                    result = _decode_tool(raw) if raw else None
+                except msgspec.DecodeError:
+                    result = raw.decode("utf-8", "replace")
+                session.coverage.tool(slot.step_index, slot.attempt_pos, suppressed_mutation=mutating, name=name)
+                if mutating and session.recorder is not None:
+                    session.recorder.mutation_suppressed(name, slot.step_index)
+                return web.json_response({
+                    "action": "answer", "step": slot.step_index, "result": result,
+                    "error_type": attempt.error_type, "error_message": attempt.error_message,
+                    "suppressed_mutation": mutating,
+                    "replayed_from": f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}",
+                    "duration_ms": attempt.duration_ms})
+        if mode == MODE_EXACT or mutating:
+            expected = next((i for i, s in enumerate(session.steps)
+                             if s.kind == contract.STEP_KIND_TOOL and s.tool_name == name
+                             and not session.coverage.is_served(i)), None)
+            body = {"error": "replay_miss" if claim.kind == MISS else "replay_exhausted", "run": session.run.run_id,
+                    "session_id": session.id, "tool": name, "received_envelope_hash": env_hash,
+                    "expected_step": None if expected is None else {
+                        "index": expected, "name": session.steps[expected].name,
+                        "envelope_hash": session.steps[expected].envelope_hash},
+                    "hint": ("a mutating tool never runs during replay unless allowed (--allow-mutations NAME)"
+                             if mutating else "the tool's arguments differ from the recording")}
+            event = {k: body[k] for k in ("error", "tool", "expected_step", "received_envelope_hash")}
+            (session.coverage.miss if claim.kind == MISS else session.coverage.exhausted)(event)
+            return web.json_response(body, status=409, headers=NO_RETRY)
         session.coverage.tool_live(*(hit or (None, None)))
-        return web.json_response({"action": "run", "reason": "mutation_allowed"})
-    if claim.kind == HIT and claim.slot is not None:
-        slot = claim.slot
-        use_tape = mutating or mode == MODE_EXACT or (mode != MODE_LIVE and session.route_step_mode(slot.step_index) == "tape")
-        if use_tape:
-            step, attempt = session.attempt(slot.step_index, slot.attempt_pos)
-            raw = session.blob(attempt.tool_result)
-            try:
-                result = _decode_tool(raw) if raw else None
-            except msgspec.DecodeError:
-                result = raw.decode("utf-8", "replace")
-            session.coverage.tool(slot.step_index, slot.attempt_pos, suppressed_mutation=mutating, name=name)
-            if mutating and session.recorder is not None:
-                session.recorder.mutation_suppressed(name, slot.step_index)
-            return web.json_response({
-                "action": "answer", "step": slot.step_index, "result": result,
-                "error_type": attempt.error_type, "error_message": attempt.error_message,
-                "suppressed_mutation": mutating,
-                "replayed_from": f"{attempt.trace_id.hex()}-{attempt.span_id.hex()}",
-                "duration_ms": attempt.duration_ms})
-    if mode == MODE_EXACT or mutating:
-        expected = next((i for i, s in enumerate(session.steps)
-                         if s.kind == contract.STEP_KIND_TOOL and s.tool_name == name
-                         and not session.coverage.is_served(i)), None)
-        body = {"error": "replay_miss" if claim.kind == MISS else "replay_exhausted", "run": session.run.run_id,
-                "session_id": session.id, "tool": name, "received_envelope_hash": env_hash,
-                "expected_step": None if expected is None else {
-                    "index": expected, "name": session.steps[expected].name,
-                    "envelope_hash": session.steps[expected].envelope_hash},
-                "hint": ("a mutating tool never runs during replay unless allowed (--allow-mutations NAME)"
-                         if mutating else "the tool's arguments differ from the recording")}
-        event = {k: body[k] for k in ("error", "tool", "expected_step", "received_envelope_hash")}
-        (session.coverage.miss if claim.kind == MISS else session.coverage.exhausted)(event)
-        return web.json_response(body, status=409, headers=NO_RETRY)
-    session.coverage.tool_live(*(hit or (None, None)))
-    if claim.kind != HIT:
-        session.coverage.divergence({"error": "tool_miss", "tool": name, "received_envelope_hash": env_hash})
-        session.mark_diverged()
-    return web.json_response({"action": "run"})
+        if claim.kind != HIT:
+            session.coverage.divergence({"error": "tool_miss", "tool": name, "received_envelope_hash": env_hash})
+            session.mark_diverged()
+        return web.json_response({"action": "run"})
+    finally:
+        session.leave()

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +43,8 @@ from tracetape.replayer.tape import Outcome
 log = logging.getLogger("tracetape.replayer")
 
 SERVICE = "tracetape-replayer"
+RECENT_ENVELOPES = 4096
+"""Envelopes a session remembers for grouping live retries into steps (a long live session stays bounded)."""
 MAX_EXPORT_BYTES = 8 << 20
 
 
@@ -113,7 +117,7 @@ class SessionRecorder:
                                       contract.SPAN_KIND: contract.SPAN_KIND_RUN_START}).end(end_time=now)
         self._lock = threading.Lock()
         self._by_original: dict[int, tuple[str, int, int]] = {}
-        self._by_envelope: dict[str, tuple[str, int, int]] = {}
+        self._by_envelope: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # the latest, for retries
         self._index = 0
         self._closed = False
 
@@ -142,12 +146,19 @@ class SessionRecorder:
             if original is not None:
                 self._by_original[original] = ident
             self._by_envelope[envelope_hash] = ident
+            self._by_envelope.move_to_end(envelope_hash)
+            if len(self._by_envelope) > RECENT_ENVELOPES:  # a retry follows its first attempt closely
+                self._by_envelope.popitem(last=False)
             return ident
 
     def http_attempt(self, *, method: str, url: str, request_headers: list[tuple[str, str]], redacted_body: bytes,
                      envelope_hash: str, provider: str, outcome: Outcome, original_index: int | None = None,
                      original: AttemptRecord | None = None, served_from: str = "tape") -> None:
         """Record one proxied attempt (served from the tape or forwarded live)."""
+        if self._closed:  # answered after its session was deleted and the run ended (past the drain)
+            self.owner.failures += 1
+            log.warning("an attempt answered after its replay run ended was not recorded")
+            return
         try:
             self._http_attempt(method, url, request_headers, redacted_body, envelope_hash, provider, outcome,
                                original_index, original, served_from)
@@ -225,14 +236,17 @@ class SessionRecorder:
         except Exception:
             log.exception("recording a suppressed mutation failed")
 
-    def close(self) -> None:
-        """End the run span (once)."""
+    def close(self, *, cancelled: bool = False) -> None:
+        """End the run span (once): failed when the tape missed or ran out, cancelled when the replayer stopped
+        with the session still open (its client never finished), else completed."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         failed = self.session.coverage.counts["misses"] > 0 or self.session.coverage.counts["exhausted"] > 0
-        self.run_span.set_attribute(contract.RUN_OUTCOME, contract.OUTCOME_FAILED if failed else contract.OUTCOME_COMPLETED)
-        self.run_span.set_attribute(contract.RUN_EXIT_CODE, 1 if failed else 0)
+        outcome, code = ((contract.OUTCOME_CANCELLED, -int(signal.SIGTERM)) if cancelled else
+                         (contract.OUTCOME_FAILED, 1) if failed else (contract.OUTCOME_COMPLETED, 0))
+        self.run_span.set_attribute(contract.RUN_OUTCOME, outcome)
+        self.run_span.set_attribute(contract.RUN_EXIT_CODE, code)
         self.run_span.end()
         self.owner.ended(self.session.replay_run)

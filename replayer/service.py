@@ -47,6 +47,10 @@ DEFAULT_PORT = 4380
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318"
 
 
+SHUTDOWN_S = 5.0
+"""On stop, how long requests being answered may take to finish before their connections are cut."""
+
+
 class ReplayerService:
     def __init__(
         self,
@@ -97,7 +101,8 @@ class ReplayerService:
         app = make_app(self.state, client_max_size=self.client_max_size)
         # auto_decompress off: aiohttp would inflate request bodies before any limit applies (a gzip bomb);
         # the handlers decode them with a cap (errors.decoded_body)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                                     shutdown_timeout=SHUTDOWN_S)
         quiet_client_protocol_errors()
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -111,16 +116,18 @@ class ReplayerService:
             self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop serving: no new connection, requests being answered get `SHUTDOWN_S` to finish (then are cut),
+        and only then do the open sessions' replay runs end, as cancelled (their clients never finished)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         for session in self.state.sessions.all():
             try:
                 self.state.sessions.remove(session.id)
             except Exception:
                 pass
             if session.recorder is not None:
-                session.recorder.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+                session.recorder.close(cancelled=True)
         if self.state.client is not None:
             await self.state.client.close()
             self.state.client = None

@@ -28,6 +28,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import threading
@@ -162,6 +163,9 @@ class ReplaySession:
     coverage: Coverage = field(default_factory=Coverage)
     diverged: bool = False
     closed: bool = False
+    inflight: int = 0
+    """Requests of this session being answered (counted by the proxy and tools handlers, on the event loop)."""
+    _drained: asyncio.Event | None = None
     recorder: Any = None  # replayer.recorder.SessionRecorder when this session records
     exact: ExactIndex | None = None
     """Recorded requests by their exact bytes (built by `open_session`; None: every request takes the slow path)."""
@@ -170,6 +174,27 @@ class ReplaySession:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _headers: dict[tuple[int, int], AttemptHeaders] = field(default_factory=dict)
     _bounds: dict[tuple[int, int, int], list[tuple[int, int]]] = field(default_factory=dict)
+
+    def enter(self) -> None:
+        """A request of this session starts being answered (see `drain`)."""
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._drained is not None:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request of this (removed) session is being answered, at most `timeout` seconds;
+        whether none is. Its replay run ends after that, so late answers are still recorded in it."""
+        if not self.inflight:
+            return True
+        self._drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     @property
     def replay_run(self) -> tuple[str, str, str]:

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -520,3 +521,61 @@ def test_a_client_closing_a_live_stream_is_recorded_as_closed_not_as_an_upstream
     (step,) = [s for s in spans.get_finished_spans() if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
     assert step.attributes[c.STREAM_END_REASON] == c.END_CLOSED
     assert c.ERROR_TYPE not in step.attributes and step.status.is_ok
+
+
+def _paced_stream(store: Store, standin: Standin, run_id: str) -> None:
+    with recording(store, run_id):
+        stream = _oai(standin.openai_base_url).chat.completions.create(
+            model="gpt-x", messages=MSG, stream=True, extra_headers={"x-standin-chunks": "20", "x-standin-delay-ms": "50"})
+        assert [chunk for chunk in stream]
+
+
+def _stream_in_thread(session: dict[str, Any], out: dict[str, Any]) -> threading.Thread:
+    def client() -> None:
+        try:
+            stream = _oai(session["base_urls"]["openai"], max_retries=0).chat.completions.create(
+                model="gpt-x", messages=MSG, stream=True)
+            out["chunks"] = len([chunk for chunk in stream])
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            out["error"] = repr(err)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    return thread
+
+
+def test_a_deleted_session_records_its_answers_in_flight_before_its_run_ends(
+        store: Store, standin: Standin, replayer: object, spans: InMemorySpanExporter) -> None:
+    """DELETE while a paced stream of the session is being answered: the stream finishes, its step is recorded
+    in the replay run, and only then does the run end (it used to end first, the step coming after it)."""
+    _paced_stream(store, standin, "run-paced")
+    session = open_session(replayer, "run-paced", pace=1)
+    out: dict[str, Any] = {}
+    thread = _stream_in_thread(session, out)
+    time.sleep(0.3)  # the stream is under way
+    status, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+    thread.join(30)
+    assert status == 200 and report["counts"]["tape"] == 1 and out.get("chunks"), out
+    finished = spans.get_finished_spans()
+    (run,) = [s for s in finished if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN]
+    (step,) = [s for s in finished if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    assert step.end_time <= run.end_time and run.attributes[c.RUN_OUTCOME] == c.OUTCOME_COMPLETED
+
+
+def test_stopping_the_replayer_ends_open_replays_as_cancelled_after_their_answers(
+        store: Store, standin: Standin, spans: InMemorySpanExporter) -> None:
+    """Shutdown stops accepting, lets requests being answered finish (bounded), then ends the open sessions'
+    replay runs as cancelled: their clients never finished them."""
+    _paced_stream(store, standin, "run-stop")
+    replayer = start_replayer(store, standin, exporter=spans)
+    session = open_session(replayer, "run-stop", pace=2)
+    out: dict[str, Any] = {}
+    thread = _stream_in_thread(session, out)
+    time.sleep(0.3)
+    replayer.stop()
+    thread.join(30)
+    finished = spans.get_finished_spans()
+    (run,) = [s for s in finished if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN]
+    (step,) = [s for s in finished if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
+    assert step.end_time <= run.end_time and out.get("chunks"), out
+    assert (run.attributes[c.RUN_OUTCOME], run.attributes[c.RUN_EXIT_CODE]) == (c.OUTCOME_CANCELLED, -15)
