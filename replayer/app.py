@@ -156,14 +156,20 @@ async def delete_session(request: web.Request) -> web.Response:
     principal = _principal(request, state)
     _own_session(request, state, principal)
     session = state.sessions.remove(request.match_info["sid"])
+    await end_session(state, session)
+    return web.json_response(session.report())
+
+
+async def end_session(state: ReplayerState, session: ReplaySession, *, cancelled: bool = False) -> None:
+    """After `remove`: wait for the answers still being sent (they end up in the replay run), end the run
+    (cancelled: its client never finished it), export it, then free its run id."""
     try:
-        await session.drain(DRAIN_S)  # answers still being sent end up in the replay run, before it ends
+        await session.drain(DRAIN_S)
         if session.recorder is not None and state.recorder is not None:
-            session.recorder.close()
+            session.recorder.close(cancelled=cancelled)
             await asyncio.get_running_loop().run_in_executor(None, state.recorder.flush)  # exported when we answer
     finally:
-        state.sessions.release(session)  # its run id is free once the run is exported (or could not be)
-    return web.json_response(session.report())
+        state.sessions.release(session)
 
 
 async def health(request: web.Request) -> web.Response:

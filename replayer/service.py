@@ -30,7 +30,8 @@ from tracetape.collector.http_receiver import quiet_client_protocol_errors
 from tracetape.collector.service import stop_on_signals
 from tracetape.collector.store import Store
 from tracetape.errors import CliError
-from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, make_app
+from tracetape.replayer.app import DEFAULT_CLIENT_MAX_SIZE, end_session, make_app
+from tracetape.replayer.errors import ApiError
 from tracetape.replayer.forward import new_client
 from tracetape.replayer.payloads import DEFAULT_MAX_BYTES as DEFAULT_PAYLOAD_CACHE
 from tracetape.replayer.payloads import PayloadCache
@@ -47,6 +48,8 @@ DEFAULT_PORT = 4380
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318"
 
 
+DEFAULT_SESSION_IDLE_S = 3600.0
+"""A session no request has used for an hour was abandoned by its client (a killed `tracetape replay`)."""
 SHUTDOWN_S = 5.0
 """On stop, how long requests being answered may take to finish before their connections are cut."""
 
@@ -67,6 +70,7 @@ class ReplayerService:
         client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
         authenticator: Authenticator | None = None,
         payload_cache_bytes: int = DEFAULT_PAYLOAD_CACHE,
+        session_idle_s: float = DEFAULT_SESSION_IDLE_S,
     ) -> None:
         self.data = os.fspath(data) if data is not None else default_data_dir()
         self._shared_store = store
@@ -81,6 +85,21 @@ class ReplayerService:
             sessions=SessionManager(max_sessions), recorder=recorder, authenticator=authenticator,
             payloads=PayloadCache(payload_cache_bytes))
         self._runner: web.AppRunner | None = None
+        self.session_idle_s = session_idle_s
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def _expire_idle_sessions(self) -> None:
+        """End the sessions idle for `session_idle_s` (abandoned by their clients), as a DELETE would."""
+        every = min(60.0, max(self.session_idle_s / 4, 0.05))
+        while True:
+            await asyncio.sleep(every)
+            for session in self.state.sessions.idle(self.session_idle_s):
+                try:
+                    self.state.sessions.remove(session.id)
+                except ApiError:  # deleted meanwhile
+                    continue
+                log.info("replay session %s idle for %.0fs: ended", session.id, self.session_idle_s)
+                await end_session(self.state, session, cancelled=True)
 
     def _open_store(self) -> Store:
         if self._shared_store is not None:
@@ -114,10 +133,15 @@ class ReplayerService:
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
+        if self.session_idle_s > 0:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_idle_sessions())
 
     async def stop(self) -> None:
         """Stop serving: no new connection, requests being answered get `SHUTDOWN_S` to finish (then are cut),
         and only then do the open sessions' replay runs end, as cancelled (their clients never finished)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -176,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an upstream profile: real base URL for live calls (repeatable)")
     parser.add_argument("--profiles", default=None, metavar="FILE", help="profiles file (JSON or YAML)")
     parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    parser.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S, metavar="SECONDS",
+                        help="end a session no request has used for this long, its replay run as cancelled "
+                             "(default %(default)g; 0: never)")
     parser.add_argument("--payload-cache-mib", type=int, default=DEFAULT_PAYLOAD_CACHE >> 20, metavar="MIB",
                         help="memory for recently served payloads, decompressed (default %(default)s; 0: none)")
     parser.add_argument("--api-keys", default=None, metavar="FILE",
@@ -192,6 +219,7 @@ def service_from_args(args: argparse.Namespace, store: Store | None = None) -> R
         data=args.data, store=store, host=args.host, port=args.port,
         profiles=build_profiles(args.upstream, args.profiles), collector=args.collector,
         record=not args.no_record, max_sessions=args.max_sessions, authenticator=authenticator,
+        session_idle_s=max(0.0, getattr(args, "session_idle_s", DEFAULT_SESSION_IDLE_S)),
         payload_cache_bytes=max(0, getattr(args, "payload_cache_mib", DEFAULT_PAYLOAD_CACHE >> 20)) << 20)
 
 

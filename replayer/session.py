@@ -20,7 +20,8 @@ Contract:
   recorded in the run's tenant and scope (409 `replay_run_exists`), nor one another session holds
   (`SessionManager`, 409 `replay_run_in_use`).
 - `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond); ids are
-  random 128-bit hex.
+  random 128-bit hex. A session no request or API call has named for the service's idle limit is ended as a
+  DELETE would end it, its replay run as cancelled (`SessionManager.idle`; `replayer/service.py`).
 - Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
   from the tape; one matching a step at or after `until_step` goes live, unless the session has already
   diverged (a request that matched nothing) — then a request that matches the tape again is served from it.
@@ -163,6 +164,8 @@ class ReplaySession:
     coverage: Coverage = field(default_factory=Coverage)
     diverged: bool = False
     closed: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    """`time.monotonic()` of the last lookup by id (`SessionManager.get`): idle sessions expire."""
     inflight: int = 0
     """Requests of this session being answered (counted by the proxy and tools handlers, on the event loop)."""
     _drained: asyncio.Event | None = None
@@ -388,7 +391,14 @@ class SessionManager:
         session = self._sessions.get(sid)
         if session is None:
             raise ApiError(404, "session_not_found", "no such replay session", session_id=redaction.redact_text(sid[:64]))
+        session.last_used = time.monotonic()
         return session
+
+    def idle(self, seconds: float) -> list[ReplaySession]:
+        """Sessions not looked up for more than `seconds`, with no request being answered."""
+        cutoff = time.monotonic() - seconds
+        with self._lock:
+            return [s for s in self._sessions.values() if s.last_used < cutoff and not s.inflight]
 
     def remove(self, sid: str) -> ReplaySession:
         with self._lock:

@@ -579,3 +579,26 @@ def test_stopping_the_replayer_ends_open_replays_as_cancelled_after_their_answer
     (step,) = [s for s in finished if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]
     assert step.end_time <= run.end_time and out.get("chunks"), out
     assert (run.attributes[c.RUN_OUTCOME], run.attributes[c.RUN_EXIT_CODE]) == (c.OUTCOME_CANCELLED, -15)
+
+
+def test_an_abandoned_session_ends_after_the_idle_limit_and_an_active_one_does_not(
+        store: Store, standin: Standin, spans: InMemorySpanExporter) -> None:
+    """Sessions whose clients went away (a killed `tracetape replay`) would hold memory and `max_sessions` slots
+    forever: one no request has named for `session_idle_s` is ended as a DELETE would, its run cancelled."""
+    with recording(store, "run-idle"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    replayer = start_replayer(store, standin, exporter=spans, session_idle_s=0.5, max_sessions=2)
+    try:
+        abandoned = open_session(replayer, "run-idle")
+        active = open_session(replayer, "run-idle")
+        url = f"{replayer.url}/v1/replay/sessions"
+        for _ in range(20):  # 2 s: the active one is asked about every 0.1 s
+            assert api(f"{url}/{active['session_id']}")[0] == 200
+            time.sleep(0.1)
+        assert api(f"{url}/{abandoned['session_id']}")[0] == 404
+        assert open_session(replayer, "run-idle")["session_id"]  # its slot is free again
+    finally:
+        replayer.stop()
+    runs = {s.attributes[c.RUN_ID]: s for s in spans.get_finished_spans()
+            if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN}
+    assert runs[abandoned["replay_run_id"]].attributes[c.RUN_OUTCOME] == c.OUTCOME_CANCELLED
