@@ -12,6 +12,10 @@ Contract:
 - Attempts of one original step (the SDK's retries) share one replay step (id, start, index); unmatched
   requests with `x-stainless-retry-count` N > 0 join the latest step with the same envelope.
 - Never raises into the proxy: a failure to record is logged and counted, the client is still answered.
+  Spans wait for export within a byte budget (`replayer/bounded_export.py`); one the budget cannot take (the
+  collector not keeping up) is dropped, counted, and its run span says so (`RECORDING_ERROR`: the run is a
+  recording failure). A session ended with requests still being answered waits for them (`drain`); one
+  answered after its run ended is not recorded (counted).
 - When the collector requires API keys, `open(session, api_key=KEY)` makes that session's spans go with the
   key that created the session (`replayer/keyed_export.py`), so the replay run lands in the same tenant.
 """
@@ -30,19 +34,22 @@ from urllib.parse import urlsplit
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from tracetape.collector.records import AttemptRecord
 from tracetape.instrumentation import contract, redaction
 from tracetape.instrumentation.exporter import SizeSplittingExporter
+from tracetape.replayer.bounded_export import DEFAULT_MAX_BYTES, BoundedBatchProcessor
 from tracetape.replayer.keyed_export import KeyedExporter, RunKey
 from tracetape.replayer.tape import Outcome
 
 log = logging.getLogger("tracetape.replayer")
 
 SERVICE = "tracetape-replayer"
+DEFAULT_MAX_PENDING = DEFAULT_MAX_BYTES
+"""Spans recorded and not yet exported, in estimated bytes (bodies included), before spans are dropped."""
 RECENT_ENVELOPES = 4096
 """Envelopes a session remembers for grouping live retries into steps (a long live session stays bounded)."""
 MAX_EXPORT_BYTES = 8 << 20
@@ -51,7 +58,8 @@ MAX_EXPORT_BYTES = 8 << 20
 class ReplayRecorder:
     """The replayer's tracer provider (see module doc)."""
 
-    def __init__(self, collector: str | None = None, exporter: SpanExporter | None = None) -> None:
+    def __init__(self, collector: str | None = None, exporter: SpanExporter | None = None, *,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING) -> None:
         self.keyed: KeyedExporter | None = None
         if exporter is None:
             if not collector:
@@ -62,10 +70,32 @@ class ReplayRecorder:
             exporter = self.keyed
         self._ended: list[RunKey] = []
         self._ended_lock = threading.Lock()
+        self._lost: dict[RunKey, int] = {}  # spans of a run the export budget could not take
+        self._lost_logged = 0.0
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: SERVICE}))
-        self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+        self.export_budget = BoundedBatchProcessor(exporter, max_bytes=max_pending_bytes, on_drop=self._dropped)
+        self.provider.add_span_processor(self.export_budget)
         self.tracer = self.provider.get_tracer("tracetape.replayer")
         self.failures = 0
+
+    def _dropped(self, span: ReadableSpan) -> None:
+        """A span past the export budget (the collector is not keeping up): counted, and said on its run."""
+        attrs = span.attributes or {}
+        run = (str(attrs.get(contract.TENANT, "")), str(attrs.get(contract.SCOPE, "")), str(attrs.get(contract.RUN_ID, "")))
+        with self._ended_lock:
+            self.failures += 1
+            self._lost[run] = self._lost.get(run, 0) + 1
+            now = time.monotonic()
+            if now - self._lost_logged < 10:
+                return
+            self._lost_logged = now
+        log.warning("the collector is not taking replay spans fast enough: spans dropped, their replay runs "
+                    "marked as recording failures")
+
+    def take_lost(self, run: RunKey) -> int:
+        """How many spans of `run` were dropped (forgotten once asked)."""
+        with self._ended_lock:
+            return self._lost.pop(run, 0)
 
     def open(self, session: Any, api_key: str | None = None) -> SessionRecorder:
         """A recorder for `session`'s replay run; its spans are exported with `api_key` when given."""
@@ -246,6 +276,10 @@ class SessionRecorder:
         failed = self.session.coverage.counts["misses"] > 0 or self.session.coverage.counts["exhausted"] > 0
         outcome, code = ((contract.OUTCOME_CANCELLED, -int(signal.SIGTERM)) if cancelled else
                          (contract.OUTCOME_FAILED, 1) if failed else (contract.OUTCOME_COMPLETED, 0))
+        lost = self.owner.take_lost(self.session.replay_run)
+        if lost:  # the run is then not replayable (`recording_failure`)
+            self.run_span.set_attribute(contract.RECORDING_ERROR, f"{lost} span(s) of this replay were dropped: "
+                                        "the collector did not take them fast enough")
         self.run_span.set_attribute(contract.RUN_OUTCOME, outcome)
         self.run_span.set_attribute(contract.RUN_EXIT_CODE, code)
         self.run_span.end()

@@ -602,3 +602,46 @@ def test_an_abandoned_session_ends_after_the_idle_limit_and_an_active_one_does_n
     runs = {s.attributes[c.RUN_ID]: s for s in spans.get_finished_spans()
             if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN}
     assert runs[abandoned["replay_run_id"]].attributes[c.RUN_OUTCOME] == c.OUTCOME_CANCELLED
+
+
+def test_replay_spans_wait_for_export_within_a_byte_budget_and_a_drop_marks_the_run(
+        store: Store, standin: Standin) -> None:
+    """A collector that does not keep up: recorded replay spans (bodies included) wait within the recorder's
+    byte budget; past it a span is dropped, counted, and its replay run says so (a recording failure), where
+    the SDK's count-bounded queue used to drop them silently."""
+    import threading as _threading
+
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    gate = _threading.Event()
+    exported: list[object] = []
+
+    class SlowCollector(InMemorySpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            gate.wait(30)
+            exported.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    big = "x" * 200_000
+    with recording(store, "run-budget"):
+        for i in range(6):
+            _oai(standin.openai_base_url).chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": f"{i} {big}"}])
+    replayer = start_replayer(store, standin, exporter=SlowCollector())
+    recorder = replayer.service.state.recorder
+    recorder.export_budget.max_bytes = 500_000  # about two steps' bodies
+    try:
+        session = open_session(replayer, "run-budget")
+        for i in range(6):
+            _oai(session["base_urls"]["openai"]).chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": f"{i} {big}"}])
+        assert recorder.failures >= 1  # dropped while the collector hung
+        gate.set()
+        status, report = api(f"{replayer.url}/v1/replay/sessions/{session['session_id']}", "DELETE")
+        assert status == 200 and report["counts"]["tape"] == 6  # the replay itself was not affected
+    finally:
+        replayer.stop()
+    steps = [s for s in exported if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_STEP]  # type: ignore[attr-defined]
+    (run,) = [s for s in exported if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN]  # type: ignore[attr-defined]
+    assert len(steps) + recorder.failures == 6 and len(steps) < 6  # each step exported or counted as dropped
+    assert "dropped" in run.attributes[c.RECORDING_ERROR]  # type: ignore[attr-defined]
