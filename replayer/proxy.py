@@ -198,8 +198,11 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     info = request.match_info
     session = state.sessions.get(info["sid"])
     session.enter()  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
+    held = 0
     try:
         profile = state.profile(info["profile"])
+        declared = request.content_length if request.content_length is not None or request.can_read_body else 0
+        held = state.bodies.take(declared, request.app[MAX_BODY_KEY])  # reserved before the body is read
         raw = await request.read()
         encoding = request.headers.get("Content-Encoding")
         body = (await _decoded(request, raw, encoding)) if encoding else raw
@@ -229,6 +232,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         return await _unmatched(state, session, rq, claim)
     finally:
         session.leave()
+        state.bodies.give(held)
 
 
 def _tape_body(session: ReplaySession, index: int, pos: int) -> bytes:

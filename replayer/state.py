@@ -12,6 +12,7 @@ import aiohttp
 from tracetape.collector.auth import Authenticator
 from tracetape.collector.store import Store, StoreError
 from tracetape.instrumentation import redaction
+from tracetape.replayer.bodies import BodyBudget
 from tracetape.replayer.errors import ApiError
 from tracetape.replayer.heavy import HeavyPool
 from tracetape.replayer.payloads import PayloadCache
@@ -32,6 +33,8 @@ class ReplayerState:
     """API keys (`replayer/app.py` says what they guard); None: nothing is checked."""
     payloads: PayloadCache = field(default_factory=PayloadCache)
     """Decompressed payloads recently served, shared by the sessions (`replayer/payloads.py`)."""
+    bodies: BodyBudget = field(default_factory=BodyBudget)
+    """Request bodies held by the proxy, reserved before they are read (`replayer/bodies.py`)."""
     heavy: HeavyPool = field(default_factory=HeavyPool)
     """Worker processes for the CPU work on huge request bodies (`replayer/heavy.py`); shut down by the service."""
     _store: Store | None = None

@@ -645,3 +645,35 @@ def test_replay_spans_wait_for_export_within_a_byte_budget_and_a_drop_marks_the_
     (run,) = [s for s in exported if s.attributes.get(c.SPAN_KIND) == c.SPAN_KIND_RUN]  # type: ignore[attr-defined]
     assert len(steps) + recorder.failures == 6 and len(steps) < 6  # each step exported or counted as dropped
     assert "dropped" in run.attributes[c.RECORDING_ERROR]  # type: ignore[attr-defined]
+
+
+def test_request_bodies_are_admitted_before_they_are_read(store: Store, standin: Standin, replayer: object) -> None:
+    """Bodies are reserved from the replayer's body budget by their declared length before being read: a
+    request that does not fit while others hold it is a 503 `busy` with Retry-After, unread; memory for bodies
+    is bounded per replayer, not per connection."""
+    with recording(store, "run-bodies"):
+        _oai(standin.openai_base_url).chat.completions.create(model="gpt-x", messages=MSG)
+    replayer.service.state.bodies.max_bytes = 1 << 20  # type: ignore[attr-defined]
+    session = open_session(replayer, "run-bodies")
+    host, port = replayer.url.split("//")[1].split(":")  # type: ignore[attr-defined]
+    path = f"/s/{session['session_id']}/openai/chat/completions"
+
+    def head(length: int) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()
+
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    slow.sendall(head(900_000) + b"{")  # declares 900 KB, sends one byte: its handler waits, holding 900 KB
+    time.sleep(0.3)
+    second = socket.create_connection((host, int(port)), timeout=30)
+    second.sendall(head(900_000))  # the body would not fit: refused before a byte of it is read
+    answer = second.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower() and b'"busy"' in answer
+    second.close()
+    slow.close()  # the first request goes away: its bytes are given back
+    for _ in range(100):
+        if replayer.service.state.bodies.held == 0:  # type: ignore[attr-defined]
+            break
+        time.sleep(0.05)
+    status, _ = api(f"{replayer.url}{path}", "POST", {"model": "gpt-x", "messages": MSG})  # type: ignore[attr-defined]
+    assert status in (200, 409)  # admitted again (a miss or a hit, not busy)
