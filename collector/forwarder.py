@@ -6,15 +6,19 @@ Contract
   or absent backend only makes the outbox longer. Store reads and slimming run in worker threads.
 - Reads the outbox in batches (oldest first), turns each stored span into its slim copy
   (`collector.slim`, cap from the route's `tracetape_slim`), groups spans by resource and scope, splits
-  by the exporter's `sending_queue.batch` limits (spans and bytes), and sends each request to every
-  route. The outbox entries are acknowledged once every route has either accepted the batch or
-  permanently rejected it, so delivery is at least once: a batch interrupted by a stop or crash is sent
-  again on the next start.
+  by the exporter's `sending_queue.batch` limits (spans and bytes), and sends each request to its route.
+- Each route progresses on its own: it reads the entries after its own cursor (the last outbox sequence
+  it delivered or permanently dropped, kept in the store), so one route down or slow never holds back
+  another. After each batch the route's cursor is stored, and the entries every configured route is done
+  with are deleted, in one write transaction (`Store.outbox_advance`); a route no longer configured does
+  not hold entries back. Delivery is at least once per route: a batch interrupted by a stop or crash is
+  sent again to that route (only) on the next start.
 - Retries only what OTLP says is retryable — HTTP 429/502/503/504 and connection failures; gRPC
   UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, DATA_LOSS, and RESOURCE_EXHAUSTED
   when the server sends RetryInfo — with exponential backoff (`retry_on_failure`) that waits at least
   what `Retry-After` / RetryInfo asks. Anything else (400, ...) drops that request with one log line
-  and is counted in `dropped_spans`.
+  and is counted in `dropped_spans`; the route then reports `failing` until its next success. Failure
+  and drop lines are logged at most once per minute per route.
 - With no routes, the outbox is drained (acknowledged unread) so it does not grow without bound.
 - `stop()` lets an in-flight send finish for up to `grace` seconds, then cancels it (not acknowledged).
 """
@@ -61,6 +65,9 @@ class OutboxStore(Protocol):
 
     def outbox_read(self, limit: int) -> list[tuple[int, bytes]]: ...
     def outbox_ack(self, seqs: Sequence[int]) -> None: ...
+    def outbox_read_after(self, route: str, limit: int) -> list[tuple[int, bytes | None]]: ...
+    def outbox_advance(self, route: str, seq: int, routes: Sequence[str]) -> int: ...
+    def outbox_backlog(self, routes: Sequence[str]) -> dict[str, int]: ...
     def blob(self, tenant: str, scope: str, digest: bytes) -> bytes | None: ...
 
 
@@ -277,6 +284,12 @@ class _Route:
     sender: HttpSender | GrpcSender
     stats: RouteStats = field(default_factory=RouteStats)
     last_log: float = 0.0
+    unlogged_drops: int = 0  # spans dropped since the last drop line (the limiter held it back)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.route.exporter.id
 
 
 class Forwarder:
@@ -289,6 +302,7 @@ class Forwarder:
         self.routes = [_Route(r, make_sender(r.exporter)) for r in routes]
         self.poll_interval = poll_interval
         self.read_limit = max((r.exporter.max_batch_spans for r in routes), default=drain_batch)
+        self._route_ids = [r.id for r in self.routes]
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -302,11 +316,13 @@ class Forwarder:
     def notify(self, *_: object) -> None:
         """Something was committed: look at the outbox now rather than at the next poll."""
         self._wake.set()
+        for r in self.routes:
+            r.wake.set()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop after the in-flight send (at most `grace` seconds), then close connections."""
         self._stopping.set()
-        self._wake.set()
+        self.notify()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
@@ -323,7 +339,11 @@ class Forwarder:
             await r.sender.close()
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters per route, for `/metrics`."""
+        """Counters per route, for `/metrics`; `backlog` = outbox entries the route has not done yet."""
+        try:
+            backlog: dict[str, int] = self.store.outbox_backlog(self._route_ids) if self.routes else {}
+        except Exception:  # noqa: BLE001 - the store is closing or gone: report no figure
+            backlog = {}
         return {
             "acked": self.acked,
             "skipped": self.skipped,
@@ -337,22 +357,27 @@ class Forwarder:
                     "rejected_spans": r.stats.rejected_spans,
                     "failing": r.stats.failing_since is not None,
                     "last_error": r.stats.last_error,
+                    "backlog": backlog.get(r.id),
                 }
                 for r in self.routes
             },
         }
 
     async def _run(self) -> None:
+        if not self.routes:
+            await self._drain()
+        else:
+            await asyncio.gather(*(self._run_route(r) for r in self.routes))
+
+    async def _drain(self) -> None:
+        """No routes: acknowledge the outbox unread, so it does not grow without bound."""
         while not self._stopping.is_set():
             try:
                 self._wake.clear()  # before reading: a commit after this read wakes the next wait
                 entries = await asyncio.to_thread(self.store.outbox_read, self.read_limit)
                 if not entries:
-                    await self._idle()
+                    await self._idle(self._wake)
                     continue
-                done = await self._forward([raw for _, raw in entries])
-                if not done:
-                    continue  # stopping: leave the batch in the outbox
                 await asyncio.to_thread(self.store.outbox_ack, [seq for seq, _ in entries])
                 self.acked += len(entries)
             except asyncio.CancelledError:
@@ -361,24 +386,39 @@ class Forwarder:
                 log.exception("forwarding failed")
                 await self._sleep(self.poll_interval * 10)
 
-    async def _idle(self) -> None:
+    async def _run_route(self, route: _Route) -> None:
+        """One route's loop: the entries after its cursor, delivered (or dropped), then its cursor advanced."""
+        limit = route.route.exporter.max_batch_spans
+        while not self._stopping.is_set():
+            try:
+                route.wake.clear()  # before reading: a commit after this read wakes the next wait
+                entries = await asyncio.to_thread(self.store.outbox_read_after, route.id, limit)
+                if not entries:
+                    await self._idle(route.wake)
+                    continue
+                stored = [raw for _, raw in entries if raw is not None]  # None: the span is gone, pass over it
+                if stored and not await self._forward_route(route, stored):
+                    return  # stopping: the batch stays after this route's cursor
+                self.acked += await asyncio.to_thread(
+                    self.store.outbox_advance, route.id, entries[-1][0], self._route_ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug, or the store went away: log, back off, keep going
+                log.exception("%s: forwarding failed", route.id)
+                await self._sleep(self.poll_interval * 10)
+
+    async def _idle(self, wake: asyncio.Event) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            await asyncio.wait_for(wake.wait(), self.poll_interval)
         except asyncio.TimeoutError:
             pass
 
-    async def _forward(self, stored: list[bytes]) -> bool:
-        """Deliver one outbox batch to every route; False if interrupted by `stop()`."""
-        if not self.routes:
-            return True
-        results = await asyncio.gather(*(self._forward_route(r, stored) for r in self.routes))
-        return all(results)
-
     async def _forward_route(self, route: _Route, stored: list[bytes]) -> bool:
+        """Deliver one outbox batch to one route; False if interrupted by `stop()`."""
         requests, bad = await asyncio.to_thread(build_requests, stored, route.route, self.store)
         if bad:
             self.skipped += bad
-            log.warning("%s: skipped %d stored spans that do not parse", route.route.exporter.id, bad)
+            log.warning("%s: skipped %d stored spans that do not parse", route.id, bad)
         for request in requests:
             if not await self._deliver(route, request):
                 return False
@@ -402,16 +442,18 @@ class Forwarder:
                     route.stats.rejected_spans += result.rejected_spans
                     log.warning("%s rejected %d of %d spans: %s", exp.id, result.rejected_spans, n, result.detail)
                 if route.stats.failing_since is not None:
-                    log.info("%s: delivering again after %d attempts", exp.id, attempt)
+                    dropped = f" ({route.unlogged_drops} spans dropped meanwhile)" if route.unlogged_drops else ""
+                    log.info("%s: delivering again after %.0fs%s", exp.id,
+                             time.monotonic() - route.stats.failing_since, dropped)
                     route.stats.failing_since = None
+                    route.unlogged_drops = 0
                 return True
             route.stats.attempts_failed += 1
             route.stats.last_error = result.detail
             out_of_time = policy.max_elapsed_time and time.monotonic() - started >= policy.max_elapsed_time
             if not result.retryable or not policy.enabled or out_of_time:
                 route.stats.dropped_spans += n
-                why = "permanent error" if not result.retryable else "giving up retrying"
-                log.error("%s: dropped %d spans (%s): %s", exp.id, n, why, result.detail)
+                self._log_failure(route, result, dropped=n)
                 return True
             self._log_failure(route, result)
             wait = min(delay, policy.max_interval) * random.uniform(0.75, 1.25)
@@ -421,17 +463,29 @@ class Forwarder:
             if not await self._sleep(wait):
                 return False
 
-    def _log_failure(self, route: _Route, result: SendResult) -> None:
+    def _log_failure(self, route: _Route, result: SendResult, dropped: int = 0) -> None:
+        """The route is failing (until its next success); one line at most per minute: a retry, or `dropped`
+        spans given up on (those held back by the limiter are counted into the next drop line)."""
         now = time.monotonic()
-        if route.stats.failing_since is None:
+        first = route.stats.failing_since is None
+        if first:
             route.stats.failing_since = now
-            route.last_log = now
+        elif now - route.last_log < _FAILURE_LOG_INTERVAL:
+            route.unlogged_drops += dropped
+            return
+        route.last_log = now
+        exp = route.route.exporter
+        if dropped:
+            why = "permanent error" if not result.retryable else "giving up retrying"
+            more = f", {route.unlogged_drops} more since the last report" if route.unlogged_drops else ""
+            route.unlogged_drops = 0
+            log.error("%s: dropped %d spans (%s%s): %s", exp.id, dropped, why, more, result.detail)
+        elif first:
             log.warning("%s: cannot deliver to %s (%s); retrying, recording is not affected",
-                        route.route.exporter.id, route.route.exporter.url, result.detail)
-        elif now - route.last_log >= _FAILURE_LOG_INTERVAL:
-            route.last_log = now
-            log.warning("%s: still cannot deliver after %.0fs: %s",
-                        route.route.exporter.id, now - route.stats.failing_since, result.detail)
+                        exp.id, exp.url, result.detail)
+        else:
+            log.warning("%s: still cannot deliver after %.0fs: %s", exp.id, now - route.stats.failing_since,
+                        result.detail)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; False if `stop()` was called."""

@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 DB_NAMES = ("runs", "steps", "envelopes", "blobs", "spans", "outbox", "meta")
 SCHEMA_VERSION = b"1"
+FORWARD_CURSOR = b"fwd:"  # meta key prefix: + a forwarding route's exporter id -> its outbox cursor (seq, 8 BE)
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -421,8 +422,96 @@ class Store:
         def body(txn: lmdb.Transaction) -> None:
             for seq in seqs:
                 txn.delete(keys.outbox_key(seq), db=self._dbs["outbox"])
+            self._forget_cursors_if_empty(txn)
 
         self._write(body)
+
+    # Each forwarding route's cursor: the last outbox seq it is done with (delivered or dropped), in `meta`
+    # under FORWARD_CURSOR + route id (0 when absent). Invariant: no cursor is past the newest outbox entry,
+    # and none is kept once the outbox is empty, since `apply` may then number new entries from 1 again.
+
+    def outbox_read_after(self, route: str, limit: int) -> list[tuple[int, bytes | None]]:
+        """Up to `limit` outbox entries after `route`'s cursor, oldest first: (seq, stored span), the span None
+        when it is gone (the route passes over it)."""
+        out: list[tuple[int, bytes | None]] = []
+        with self._read() as txn:
+            after = _cursor(txn, self._dbs["meta"], route)
+            spans, cur = self._dbs["spans"], txn.cursor(db=self._dbs["outbox"])
+            if limit > 0 and cur.set_range(keys.outbox_key(after + 1)):
+                for key, span_key in cur:
+                    out.append((keys.outbox_seq(key), txn.get(span_key, db=spans)))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def outbox_advance(self, route: str, seq: int, routes: Sequence[str]) -> int:
+        """`route` is done with every outbox entry up to `seq`: store its cursor and, in the same write
+        transaction, delete the entries every one of `routes` (the configured ones; other cursors are ignored)
+        is done with. Returns how many entries were deleted."""
+
+        def body(txn: lmdb.Transaction) -> int:
+            meta, outbox = self._dbs["meta"], self._dbs["outbox"]
+            if seq > _cursor(txn, meta, route):
+                txn.put(FORWARD_CURSOR + route.encode(), keys.outbox_key(seq), db=meta)
+            upto = min(_cursor(txn, meta, r) for r in {route, *routes})
+            done = []
+            cur = txn.cursor(db=outbox)
+            if cur.first():
+                for key in cur.iternext(keys=True, values=False):
+                    if keys.outbox_seq(key) > upto:
+                        break
+                    done.append(key)
+            for key in done:
+                txn.delete(key, db=outbox)
+            self._forget_cursors_if_empty(txn)
+            return len(done)
+
+        return self._write(body)
+
+    def outbox_backlog(self, routes: Sequence[str]) -> dict[str, int]:
+        """How many outbox entries each route has not done yet (after its cursor). One read transaction;
+        counts by walking the shorter side of the cursor."""
+        out: dict[str, int] = {}
+        with self._read() as txn:
+            outbox = self._dbs["outbox"]
+            total = txn.stat(outbox)["entries"]
+            cur = txn.cursor(db=outbox)
+            first = keys.outbox_seq(cur.key()) if cur.first() else 0
+            last = keys.outbox_seq(cur.key()) if cur.last() else 0
+            for route in routes:
+                at = _cursor(txn, self._dbs["meta"], route)
+                if not total or at < first:
+                    out[route] = total
+                elif at >= last:
+                    out[route] = 0
+                elif last - at <= at - first:  # count the entries after the cursor
+                    n = 0
+                    if cur.set_range(keys.outbox_key(at + 1)):
+                        n = sum(1 for _ in cur.iternext(keys=True, values=False))
+                    out[route] = n
+                else:  # count the entries up to the cursor
+                    n = 0
+                    if cur.first():
+                        for key in cur.iternext(keys=True, values=False):
+                            if keys.outbox_seq(key) > at:
+                                break
+                            n += 1
+                    out[route] = total - n
+        return out
+
+    def _forget_cursors_if_empty(self, txn: lmdb.Transaction) -> None:
+        if txn.stat(self._dbs["outbox"])["entries"]:
+            return
+        meta = self._dbs["meta"]
+        cur = txn.cursor(db=meta)
+        stale = []
+        if cur.set_range(FORWARD_CURSOR):
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(FORWARD_CURSOR):
+                    break
+                stale.append(key)
+        for key in stale:
+            txn.delete(key, db=meta)
 
     def outbox_size(self) -> int:
         with self._read() as txn:
@@ -637,6 +726,12 @@ def _apply_run_event(run: RunRecord, ev: RunEvent) -> None:
         run.status = records.outcome_to_status(ev.outcome)
         run.exit_code = ev.exit_code
         run.ended_ns = ev.ended_ns
+
+
+def _cursor(txn: lmdb.Transaction, meta: Any, route: str) -> int:
+    """A forwarding route's outbox cursor (0 when it has none)."""
+    raw = txn.get(FORWARD_CURSOR + route.encode(), db=meta)
+    return 0 if raw is None else keys.outbox_seq(raw)
 
 
 def _last_outbox_seq(txn: lmdb.Transaction, db: Any) -> int:

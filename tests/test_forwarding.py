@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -449,3 +450,120 @@ async def _wait(predicate: Any, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+# --- routes progress on their own; a route that rejects everything is failing --------------------------------
+
+
+def _route(svc: Any, exporter: str) -> dict[str, Any]:
+    return svc.forwarder.snapshot()["routes"][exporter]
+
+
+def _ids(sink: JaegerSink) -> list[tuple[bytes, bytes]]:
+    return [(span.trace_id, span.span_id) for _, span in sink.spans()]
+
+
+def test_a_route_that_is_down_never_holds_back_another_and_catches_up_alone(tmp_path: Path) -> None:
+    """Route B down (retrying forever): route A still gets every run, also after a restart with B still down
+    (without A being sent again what it had); B, back, gets everything once; then the outbox is empty."""
+
+    async def scenario() -> None:
+        a = await JaegerSink().start()
+        b = JaegerSink()
+        await b.start()
+        await b.stop()  # down: its port is known, nothing listens there
+        forward = {"otlphttp/a": {"endpoint": a.http_url, "retry_on_failure": fast_retry()},
+                   "otlphttp/b": {"endpoint": b.http_url, "retry_on_failure": fast_retry()}}
+        conf = collector_config(tmp_path / "db", forward=forward)
+        try:
+            async with running_collector(conf) as svc:
+                for i in range(3):
+                    assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
+                    await a.wait_for_spans(5 * (i + 1), timeout=10)  # A keeps receiving while B is down
+                await _wait(lambda: _route(svc, "otlphttp/b")["attempts_failed"] >= 2)
+                assert _route(svc, "otlphttp/b")["failing"] and not _route(svc, "otlphttp/a")["failing"]
+                await _wait(lambda: _route(svc, "otlphttp/a")["backlog"] == 0)
+                assert _route(svc, "otlphttp/b")["backlog"] == 15 == svc.store.outbox_size()
+            async with running_collector(conf) as svc:  # restarted, B still down
+                assert await post(http_url(svc), recorded_run(run_id="run-3")) == 200
+                await a.wait_for_spans(20, timeout=10)
+                await asyncio.sleep(0.5)  # anything A was sent again would have arrived by now
+                assert a.span_count() == 20 and len(set(_ids(a))) == 20
+                assert _route(svc, "otlphttp/b")["backlog"] == 20 == svc.store.outbox_size()
+                await b.start()  # up again, same port
+                await b.wait_for_spans(20)
+                await _wait(lambda: svc.store.outbox_size() == 0)
+                await asyncio.sleep(0.3)
+                assert sorted(_ids(b)) == sorted(_ids(a)) and len(set(_ids(b))) == 20  # each span once per route
+                assert {attributes(s)[c.RUN_ID] for _, s in b.spans()} == {f"run-{i}" for i in range(4)}
+                assert _route(svc, "otlphttp/a")["backlog"] == _route(svc, "otlphttp/b")["backlog"] == 0
+                assert not _route(svc, "otlphttp/b")["failing"]
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario())
+
+
+def test_a_route_that_rejects_everything_is_failing_and_logs_its_drops_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with JaegerSink() as sink:
+            sink.fail_status = 404  # e.g. a wrong path: every request refused, not retryable
+            async with running_collector(collector_config(tmp_path / "db", forward=http_forward(sink))) as svc:
+                for i in range(3):
+                    assert await post(http_url(svc), recorded_run(run_id=f"run-{i}")) == 200
+                    await _wait(lambda: _route(svc, "otlphttp/jaeger")["dropped_spans"] == 5 * (i + 1))  # noqa: B023
+                healthz = http_url(svc).rsplit("/v1/", 1)[0] + "/healthz"
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(healthz) as resp:
+                        route = (await resp.json())["forwarding"]["routes"]["otlphttp/jaeger"]
+                assert route["failing"] is True and "HTTP 404" in route["last_error"]
+                sink.fail_status = None
+                assert await post(http_url(svc), recorded_run(run_id="run-ok")) == 200
+                await sink.wait_for_spans(5)
+                assert not _route(svc, "otlphttp/jaeger")["failing"]  # cleared by the next success
+
+    with caplog.at_level(logging.INFO, logger="tracetape.collector.forward"):
+        run(scenario())
+    drops = [r.getMessage() for r in caplog.records
+             if r.name == "tracetape.collector.forward" and r.levelno == logging.ERROR and "dropped" in r.getMessage()]
+    assert len(drops) == 1, drops  # 3 batches dropped within a minute: one line
+    recovered = [r.getMessage() for r in caplog.records if "delivering again" in r.getMessage()]
+    assert recovered and "10 spans dropped meanwhile" in recovered[0]
+
+
+def test_route_cursors_never_skip_entries_numbered_again_after_the_outbox_emptied(tmp_path: Path) -> None:
+    """Once every route is done the outbox is empty and the next store numbers entries from 1 again: no
+    route's cursor (a configured one or one no longer configured) may then pass over them."""
+    def one(store: Store, run_id: str) -> None:
+        agent = Agent(run_id=run_id)
+        agent.model_step(1)
+        agent.run_span()
+        store.apply([ingest.prepare(agent.request(), store)])
+        agent.shutdown()
+
+    path = tmp_path / "db"
+    store = Store(path, map_size=16 << 20)
+    try:
+        one(store, "run-1")
+        one(store, "run-2")
+        entries = store.outbox_read_after("a", 100)
+        assert [seq for seq, _ in entries] == [1, 2, 3, 4]
+        store.outbox_advance("old", 2, ["old", "a", "b"])  # a route since removed from the config
+        assert store.outbox_advance("a", 4, ["a", "b"]) == 0  # b holds every entry back
+        assert store.outbox_backlog(["a", "b", "old"]) == {"a": 0, "b": 4, "old": 2}
+        assert store.outbox_advance("b", 2, ["a", "b"]) == 2
+        assert store.outbox_read_after("b", 100)[0][0] == 3 and store.outbox_read_after("a", 100) == []
+        assert store.outbox_advance("b", 4, ["a", "b"]) == 2 and store.outbox_size() == 0
+    finally:
+        store.close()
+    store = Store(path, map_size=16 << 20)  # reopened with an empty outbox: numbering starts again
+    try:
+        one(store, "run-3")
+        for route in ("a", "b", "old"):
+            assert [seq for seq, _ in store.outbox_read_after(route, 100)] == [1, 2], route
+        assert store.outbox_backlog(["a", "b", "old"]) == {"a": 2, "b": 2, "old": 2}
+    finally:
+        store.close()
