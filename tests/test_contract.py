@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,9 +130,9 @@ def test_the_stored_url_rebuilds_the_envelope_recording_hashed(pairs: list[tuple
     stored = urlsplit(redaction.redact_text(f"https://h/v1/x?{query}"))
     rebuilt = contract.http_envelope("GET", stored.path, stored.query, [], b"")
     assert contract.envelope_hash(rebuilt) == contract.envelope_hash(sent)
-    for name, value in pairs:
-        if redaction.is_secret_param(name) and len(value) >= 6 and value.isalnum() and value.isascii():
-            assert value not in stored.query, (name, value)
+    for name, value in parse_qsl(stored.query, keep_blank_values=True):
+        if redaction.is_secret_param(name) and value:
+            assert set(value) == {"*"}, (name, value)  # stored masked, whatever it was
 
 
 def test_a_compressed_body_read_only_in_part_is_scanned_as_far_as_it_decodes() -> None:
