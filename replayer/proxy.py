@@ -13,9 +13,13 @@ Contract (per request; the session's mode decides):
 - `step`: a hit is served from the tape or forwarded live as `ReplaySession.route_step_mode` says; a miss
   (or exhausted envelope) is a divergence: recorded in the report, then forwarded live;
 - `live`: everything is forwarded (a recording proxy); matches against the tape are still noted;
-- when the session records (`record`), every answered attempt becomes a step span of the replay run.
+- when the session records (`record`), every answered attempt becomes a step span of the replay run;
+- each request is counted on its session while answered (a DELETE waits for it: `ReplaySession.drain`), and
+  its body is reserved by its declared length from the replayer's `BodyBudget` before it is read (503
+  `busy` + Retry-After past it, unread: `replayer/bodies.py`).
 - The tools endpoint `POST /s/{session}/_tool` answers `{"name", "envelope_hash", "mutating", "allowed"}`
-  with `{"action": "answer", "step", "result", "error_type", "error_message", "suppressed_mutation"}` or
+  with `{"action": "answer", "step", "result", "error_type", "error_message", "suppressed_mutation",
+  "replayed_from", "duration_ms"}` (how long the recorded call ran: a recorded cancellation waits that long) or
   `{"action": "run"}` (the tool may run live), or 409 `replay_miss` (it must not run).
 """
 
