@@ -239,6 +239,7 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
 def make_app(state: ReplayerState, *, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
     app = web.Application(client_max_size=client_max_size)
     app[proxy.MAX_BODY_KEY] = client_max_size
+    state.bodies.limit = client_max_size
     app[STATE_KEY] = state
     sessions = SessionPaths()
     app.router.register_resource(sessions)

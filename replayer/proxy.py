@@ -201,12 +201,14 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     info = request.match_info
     session = state.sessions.get(info["sid"])
-    session.enter()  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
+    session.inflight += 1  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
     held = 0
     try:
         profile = state.profile(info["profile"])
-        declared = request.content_length if request.content_length is not None or request.can_read_body else 0
-        held = state.bodies.take(declared, request.app[MAX_BODY_KEY])  # reserved before the body is read
+        declared = request.content_length
+        if declared is None and not request.can_read_body:
+            declared = 0
+        held = state.bodies.take(declared)  # reserved before the body is read
         raw = await request.read()
         encoding = request.headers.get("Content-Encoding")
         body = (await _decoded(request, raw, encoding)) if encoding else raw
@@ -236,7 +238,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         return await _unmatched(state, session, rq, claim)
     finally:
         session.leave()
-        state.bodies.give(held)
+        state.bodies.held -= held
 
 
 def _tape_body(session: ReplaySession, index: int, pos: int) -> bytes:
@@ -321,7 +323,7 @@ _decode_tool = msgspec.json.Decoder().decode
 async def handle_tool(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     session = state.sessions.get(request.match_info["sid"])
-    session.enter()  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
+    session.inflight += 1  # counted until answered: a DELETE waits for it (`ReplaySession.drain`)
     try:
         data = await read_json(request)
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(

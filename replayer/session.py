@@ -178,11 +178,8 @@ class ReplaySession:
     _headers: dict[tuple[int, int], AttemptHeaders] = field(default_factory=dict)
     _bounds: dict[tuple[int, int, int], list[tuple[int, int]]] = field(default_factory=dict)
 
-    def enter(self) -> None:
-        """A request of this session starts being answered (see `drain`)."""
-        self.inflight += 1
-
     def leave(self) -> None:
+        """A request of this session is answered (the handlers count it in with `inflight += 1`; see `drain`)."""
         self.inflight -= 1
         if not self.inflight and self._drained is not None:
             self._drained.set()
