@@ -67,6 +67,7 @@ class ReplayerService:
         exporter: SpanExporter | None = None,
         record: bool = True,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_sessions_per_tenant: int | None = None,
         client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
         authenticator: Authenticator | None = None,
         payload_cache_bytes: int = DEFAULT_PAYLOAD_CACHE,
@@ -82,7 +83,8 @@ class ReplayerService:
             recorder = ReplayRecorder(collector, exporter)
         self.state = ReplayerState(
             open_store=self._open_store, profiles=profiles or build_profiles(),
-            sessions=SessionManager(max_sessions), recorder=recorder, authenticator=authenticator,
+            sessions=SessionManager(max_sessions, max_sessions_per_tenant), recorder=recorder,
+            authenticator=authenticator,
             payloads=PayloadCache(payload_cache_bytes))
         self._runner: web.AppRunner | None = None
         self.session_idle_s = session_idle_s
@@ -200,6 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an upstream profile: real base URL for live calls (repeatable)")
     parser.add_argument("--profiles", default=None, metavar="FILE", help="profiles file (JSON or YAML)")
     parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    parser.add_argument("--max-sessions-per-tenant", type=int, default=None, metavar="N",
+                        help="sessions one API key's tenant may hold (default: a quarter of --max-sessions)")
     parser.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S, metavar="SECONDS",
                         help="end a session no request has used for this long, its replay run as cancelled "
                              "(default %(default)g; 0: never)")
@@ -219,6 +223,7 @@ def service_from_args(args: argparse.Namespace, store: Store | None = None) -> R
         data=args.data, store=store, host=args.host, port=args.port,
         profiles=build_profiles(args.upstream, args.profiles), collector=args.collector,
         record=not args.no_record, max_sessions=args.max_sessions, authenticator=authenticator,
+        max_sessions_per_tenant=getattr(args, "max_sessions_per_tenant", None),
         session_idle_s=max(0.0, getattr(args, "session_idle_s", DEFAULT_SESSION_IDLE_S)),
         payload_cache_bytes=max(0, getattr(args, "payload_cache_mib", DEFAULT_PAYLOAD_CACHE >> 20)) << 20)
 

@@ -19,8 +19,8 @@ Contract:
 - `replay_run_id` names the run the replay is recorded as (generated when absent): never one already
   recorded in the run's tenant and scope (409 `replay_run_exists`), nor one another session holds
   (`SessionManager`, 409 `replay_run_in_use`).
-- `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond); ids are
-  random 128-bit hex. A session no request or API call has named for the service's idle limit is ended as a
+- `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond), at most
+  `max_per_tenant` of them for one API key's tenant (429 `tenant_session_quota`); ids are random 128-bit hex. A session no request or API call has named for the service's idle limit is ended as a
   DELETE would end it, its replay run as cancelled (`SessionManager.idle`; `replayer/service.py`).
 - Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
   from the tape; one matching a step at or after `until_step` goes live, unless the session has already
@@ -361,23 +361,33 @@ class SessionManager:
     `add` until `release`, which comes after `remove` once the run's spans are exported: two sessions never
     record into one run."""
 
-    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS, max_per_tenant: int | None = None) -> None:
         self.max_sessions = max_sessions
+        self.max_per_tenant = max(1, max_sessions // 4) if max_per_tenant is None else max_per_tenant
+        """Sessions one API key's tenant may hold (a quarter of all by default): one tenant cannot take them all."""
         self._sessions: dict[str, ReplaySession] = {}
+        self._per_owner: dict[str, int] = {}
         self._replay_runs: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
     def add(self, session: ReplaySession) -> None:
-        """503 `too_many_sessions` at the limit; 409 `replay_run_in_use` when another session holds its run id."""
+        """503 `too_many_sessions` at the limit; 429 `tenant_session_quota` when the session's owner (an API
+        key's tenant) holds `max_per_tenant`; 409 `replay_run_in_use` when another session holds its run id."""
         run = session.replay_run
+        owner = session.owner
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise ApiError(503, "too_many_sessions", f"at most {self.max_sessions} sessions: delete some")
+            if owner is not None and self._per_owner.get(owner, 0) >= self.max_per_tenant:
+                raise ApiError(429, "tenant_session_quota",
+                               f"this tenant holds {self.max_per_tenant} sessions, its most: delete some")
             if run in self._replay_runs:
                 raise ApiError(409, "replay_run_in_use", f"another session records run {session.replay_run_id!r}",
                                replay_run_id=session.replay_run_id)
             self._sessions[session.id] = session
             self._replay_runs.add(run)
+            if owner is not None:
+                self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
 
     def release(self, session: ReplaySession) -> None:
         """Free the replay run id of a removed session (its spans are exported)."""
@@ -400,6 +410,10 @@ class SessionManager:
     def remove(self, sid: str) -> ReplaySession:
         with self._lock:
             session = self._sessions.pop(sid, None)
+            if session is not None and session.owner is not None:
+                left = self._per_owner.pop(session.owner, 1) - 1
+                if left:
+                    self._per_owner[session.owner] = left
         if session is None:
             raise ApiError(404, "session_not_found", "no such replay session", session_id=redaction.redact_text(sid[:64]))
         session.closed = True

@@ -272,7 +272,8 @@ def test_replay_is_limited_to_the_keys_tenant(tmp_path: Path, caplog: pytest.Log
 
 @contextlib.asynccontextmanager
 async def keyed_collector_and_replayer(
-        data: Path, runs: Sequence[tuple[str, str]]) -> AsyncIterator[tuple[CollectorService, ReplayerService]]:
+        data: Path, runs: Sequence[tuple[str, str]], **replayer_options: Any,
+) -> AsyncIterator[tuple[CollectorService, ReplayerService]]:
     """A collector requiring keys with each `(run id, key)` of `runs` recorded through it, and a replayer on its
     store exporting replays to it (stopped on exit, if the caller has not stopped it)."""
     config = cfg.parse(auth_doc(data))
@@ -283,7 +284,7 @@ async def keyed_collector_and_replayer(
                                       {**PB, "x-api-key": key})
             assert status == 200
         replayer = ReplayerService(store=svc.store, port=0, authenticator=config.authenticator,
-                                   collector=url.rsplit("/v1/traces", 1)[0])
+                                   collector=url.rsplit("/v1/traces", 1)[0], **replayer_options)
         await replayer.start()
         try:
             yield svc, replayer
@@ -376,6 +377,28 @@ def test_two_tenants_replays_under_one_replay_run_id_stay_apart(tmp_path: Path) 
                 replay = svc.store.run(tenant, "prod", "nightly-replay")
                 assert replay is not None and replay.replay_of == original, (tenant, replay)
                 assert (replay.step_count, replay.status) == (steps, c.OUTCOME_COMPLETED), (tenant, replay)
+
+    run(scenario())
+
+
+def test_one_tenant_cannot_take_every_replay_session(tmp_path: Path) -> None:
+    """With API keys, a tenant holds at most `max_sessions_per_tenant` sessions (a quarter of all by default):
+    past it, 429 `tenant_session_quota`, and another tenant still gets sessions."""
+
+    async def scenario() -> None:
+        async with keyed_collector_and_replayer(tmp_path / "data", (("run-a", KEY_A), ("run-b", KEY_B)),
+                                                max_sessions=8) as (_, replayer):
+            sessions = f"{replayer.url}/v1/replay/sessions"
+            async with aiohttp.ClientSession() as http:
+                opened = [await api(http, "POST", sessions, KEY_A, {"run_id": "run-a", "record": False})
+                          for _ in range(2)]
+                assert [status for status, _ in opened] == [201, 201]
+                status, body = await api(http, "POST", sessions, KEY_A, {"run_id": "run-a", "record": False})
+                assert (status, body["error"]) == (429, "tenant_session_quota")
+                assert (await api(http, "POST", sessions, KEY_B, {"run_id": "run-b", "record": False}))[0] == 201
+                sid = opened[0][1]["session_id"]
+                assert (await api(http, "DELETE", f"{sessions}/{sid}", KEY_A))[0] == 200
+                assert (await api(http, "POST", sessions, KEY_A, {"run_id": "run-a", "record": False}))[0] == 201
 
     run(scenario())
 
