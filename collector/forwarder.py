@@ -301,7 +301,7 @@ class Forwarder:
         self.store = store
         self.routes = [_Route(r, make_sender(r.exporter)) for r in routes]
         self.poll_interval = poll_interval
-        self.read_limit = max((r.exporter.max_batch_spans for r in routes), default=drain_batch)
+        self.drain_batch = drain_batch  # with no routes, outbox entries acknowledged per read
         self._route_ids = [r.id for r in self.routes]
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -374,7 +374,7 @@ class Forwarder:
         while not self._stopping.is_set():
             try:
                 self._wake.clear()  # before reading: a commit after this read wakes the next wait
-                entries = await asyncio.to_thread(self.store.outbox_read, self.read_limit)
+                entries = await asyncio.to_thread(self.store.outbox_read, self.drain_batch)
                 if not entries:
                     await self._idle(self._wake)
                     continue

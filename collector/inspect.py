@@ -22,7 +22,6 @@ from tracetape.collector.store import Store, StoreError
 from tracetape.errors import CliError
 
 
-
 def default_data_dir() -> str:
     """`$TRACETAPE_DATA`, else the collector's default store path (`.tracetape/data`)."""
     return os.environ.get(DATA_ENV) or DEFAULT_STORE_PATH

@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tracetape.errors import CliError
+from tracetape.errors import CliError, stdout_to_devnull
 from tracetape.instrumentation import config as cfg
 from tracetape.instrumentation import contract, provider, runspan
 
@@ -126,10 +126,7 @@ def _print_json(document: Mapping[str, Any]) -> None:
     try:
         print(json.dumps(document), flush=True)
     except BrokenPipeError:
-        # Python's recipe: later writes, and the flush at exit, go to /dev/null instead of failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        stdout_to_devnull()
 
 
 def _unrecordable_reason(command: Sequence[str]) -> str | None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from tracetape.errors import CliError
+from tracetape.errors import CliError, stdout_to_devnull
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("tracetape.instrumentation.runner", "run a command with recording on: tracetape run -- CMD ..."),
@@ -46,22 +45,6 @@ def _usage() -> str:
 EXIT_BROKEN_PIPE = 141
 
 
-def _stdout_to_devnull() -> None:
-    """Point stdout's file descriptor at the null device, so flushing what is still buffered (at exit, too)
-    cannot fail again on the closed pipe."""
-    try:
-        fd = sys.stdout.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError, AttributeError):
-        return
-    try:
-        os.dup2(devnull, fd)
-    except OSError:
-        pass
-    finally:
-        os.close(devnull)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
@@ -70,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sys.stdout is not None:
                 sys.stdout.flush()
     except BrokenPipeError:  # the reader of stdout went away (`| head -1`): not an error of this command
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return EXIT_BROKEN_PIPE
 
 
