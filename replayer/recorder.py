@@ -48,8 +48,6 @@ from tracetape.replayer.tape import Outcome
 log = logging.getLogger("tracetape.replayer")
 
 SERVICE = "tracetape-replayer"
-DEFAULT_MAX_PENDING = DEFAULT_MAX_BYTES
-"""Spans recorded and not yet exported, in estimated bytes (bodies included), before spans are dropped."""
 RECENT_ENVELOPES = 4096
 """Envelopes a session remembers for grouping live retries into steps (a long live session stays bounded)."""
 MAX_EXPORT_BYTES = 8 << 20
@@ -59,7 +57,7 @@ class ReplayRecorder:
     """The replayer's tracer provider (see module doc)."""
 
     def __init__(self, collector: str | None = None, exporter: SpanExporter | None = None, *,
-                 max_pending_bytes: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.keyed: KeyedExporter | None = None
         if exporter is None:
             if not collector:
@@ -69,7 +67,7 @@ class ReplayRecorder:
                 lambda key: SizeSplittingExporter.otlp_http(url, max_bytes=MAX_EXPORT_BYTES, api_key=key))
             exporter = self.keyed
         self._ended: list[RunKey] = []
-        self._ended_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards `_ended`, `_lost` and `failures` counted on drops
         self._lost: dict[RunKey, int] = {}  # spans of a run the export budget could not take
         self._lost_logged = 0.0
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: SERVICE}))
@@ -82,7 +80,7 @@ class ReplayRecorder:
         """A span past the export budget (the collector is not keeping up): counted, and said on its run."""
         attrs = span.attributes or {}
         run = (str(attrs.get(contract.TENANT, "")), str(attrs.get(contract.SCOPE, "")), str(attrs.get(contract.RUN_ID, "")))
-        with self._ended_lock:
+        with self._lock:
             self.failures += 1
             self._lost[run] = self._lost.get(run, 0) + 1
             now = time.monotonic()
@@ -94,7 +92,7 @@ class ReplayRecorder:
 
     def take_lost(self, run: RunKey) -> int:
         """How many spans of `run` were dropped (forgotten once asked)."""
-        with self._ended_lock:
+        with self._lock:
             return self._lost.pop(run, 0)
 
     def open(self, session: Any, api_key: str | None = None) -> SessionRecorder:
@@ -104,12 +102,12 @@ class ReplayRecorder:
         return SessionRecorder(self, session)
 
     def ended(self, run: RunKey) -> None:
-        with self._ended_lock:
+        with self._lock:
             self._ended.append(run)
 
     def flush(self) -> None:
         """Export what has ended, then forget the keys of the runs that had ended before."""
-        with self._ended_lock:
+        with self._lock:
             done, self._ended = self._ended, []
         self.provider.force_flush(10_000)
         if self.keyed is not None:

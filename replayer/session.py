@@ -20,8 +20,9 @@ Contract:
   recorded in the run's tenant and scope (409 `replay_run_exists`), nor one another session holds
   (`SessionManager`, 409 `replay_run_in_use`).
 - `SessionManager` holds at most `max_sessions` live sessions (503 `too_many_sessions` beyond), at most
-  `max_per_tenant` of them for one API key's tenant (429 `tenant_session_quota`); ids are random 128-bit hex. A session no request or API call has named for the service's idle limit is ended as a
-  DELETE would end it, its replay run as cancelled (`SessionManager.idle`; `replayer/service.py`).
+  `max_per_tenant` of them for one API key's tenant (429 `tenant_session_quota`); ids are random 128-bit
+  hex. A session no request or API call has named for the service's idle limit is ended as a DELETE would
+  end it, its replay run as cancelled (`SessionManager.idle`; `replayer/service.py`).
 - Step mode routing (`route_step_mode`): a request matching a recorded step before `until_step` is served
   from the tape; one matching a step at or after `until_step` goes live, unless the session has already
   diverged (a request that matched nothing) — then a request that matches the tape again is served from it.
